@@ -1,0 +1,43 @@
+"""moat's policy engine: pure, synchronous, immutable once built.
+
+In: a canonical name (lower case, A-labels, no trailing dot), a qtype, the client's
+address, and for answers the names and addresses in them. Out: a Verdict or None.
+No sockets, no asyncio, no logging on the lookup path. See policy/engine.py for the
+precedence rules.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from .rules import Action, Scope, Trigger
+from .verdict import Verdict
+
+__all__ = ["Action", "Scope", "Trigger", "Verdict", "PolicyView", "EmptyPolicy"]
+
+
+class PolicyView(Protocol):
+    """What the resolver needs from a policy snapshot."""
+
+    version: int
+    #: True when some rule depends on the client's address: verdicts cannot be memoised per name.
+    client_dependent: bool
+
+    def check_query(self, qname: str, qtype: int, client: str) -> Verdict | None: ...
+
+    def check_answer(self, names: Sequence[str], addresses: Sequence[str], qtype: int,
+                     client: str) -> Verdict | None: ...
+
+
+class EmptyPolicy:
+    """Allows everything (used before the first policy is loaded, and in tests)."""
+
+    version = 0
+    client_dependent = False
+
+    def check_query(self, qname: str, qtype: int, client: str) -> Verdict | None:
+        return None
+
+    def check_answer(self, names: Sequence[str], addresses: Sequence[str], qtype: int,
+                     client: str) -> Verdict | None:
+        return None

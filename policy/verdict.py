@@ -1,0 +1,41 @@
+"""The verdict: what the policy decided about one query or answer, and why.
+
+It is the only thing that crosses from ``policy/`` into ``resolver/``: the resolver turns
+it into an answer (resolver/synth.py), a log line and metric labels. ``rule`` and
+``where`` go to logs only, never to metric labels (they are unbounded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .rules import Action, LocalRecord, Trigger
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    action: Action
+    trigger: Trigger
+    category: str  # malware, phishing, c2, ... (bounded: from config)
+    family: str  # QSnatch, Emotet, ... or "" (bounded: from config and feeds)
+    source: str  # the source's configured name
+    rule: object  # the rule as written: str(rule) (read from the source file lazily)
+    where: str  # "path:line" of the rule
+    matched: str  # what triggered: the name, CNAME target, address or client address
+    policy_version: int
+    ttl: int = 60  # TTL of synthesised records
+    local_data: tuple[LocalRecord, ...] = ()
+    sinkhole_v4: tuple[str, ...] = ("0.0.0.0",)
+    sinkhole_v6: tuple[str, ...] = ("::",)
+    source_index: int = 0  # precedence position of the source (lower wins)
+
+    @property
+    def blocks(self) -> bool:
+        """True when the client does not get the normal answer."""
+        return self.action not in (Action.PASSTHRU, Action.LOG_ONLY, Action.TCP_ONLY)
+
+    def describe(self) -> str:
+        fam = f" family={self.family}" if self.family else ""
+        return (f"{self.action.label} by {self.source} ({self.category}{fam}) "
+                f"trigger={self.trigger.value} matched={self.matched} rule={str(self.rule)!r} "
+                f"at {self.where} policy-version={self.policy_version}")

@@ -1,0 +1,354 @@
+"""The running server: builds the parts from the config, owns their lifetime.
+
+Start-up order matters: the policy is built first and the listeners open only after it
+is loaded, so moat never answers unprotected. Then privileges are dropped (when started as
+root to bind port 53), then metrics and the verdict log start.
+
+Signals: SIGTERM/SIGINT stop accepting, let in-flight queries finish (bounded by
+``server.shutdown_grace``), flush the log and exit 0. SIGHUP re-reads the config file
+(an invalid one is reported and the running config kept) and rebuilds the policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
+
+from policy import EmptyPolicy
+from policy.build import BuildReport, all_sources, build_in_child
+
+from . import config as config_mod
+from .acl import AccessList
+from .cache import AnswerCache
+from .config import Config, ConfigError
+from .metrics import MetricsServer, MoatCollector
+from .pipeline import Pipeline, PipelineSettings, PolicyHolder
+from .querylog import QueryLog
+from .ratelimit import RateLimiter
+from .rebinding import RebindingGuard
+from .server import TcpConnection, TcpLimits, TcpState, UdpListener, tcp_socket, udp_socket
+from .stats import Stats
+from .upstream import UpstreamPool, UpstreamSettings
+
+log = logging.getLogger("moat")
+
+
+def default_state_dir() -> str:
+    env = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if env:
+        return env
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                             ".local", "state")
+    return os.path.join(base, "moat")
+
+
+class App:
+    def __init__(self, config: Config, *, extra_rpz: tuple[str, ...] = (),
+                 overrides: dict[str, Any] | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.extra_rpz = extra_rpz
+        self.overrides = overrides or {}
+        self.state_dir = config.server.state_dir or default_state_dir()
+        self.stats = Stats()
+        self.holder = PolicyHolder(EmptyPolicy())
+        self.cache = AnswerCache(config.cache)
+        self.upstreams = UpstreamPool(self._upstream_settings(config))
+        self.querylog = QueryLog(config.log.querylog(), self.stats)
+        self.pipeline = Pipeline(
+            holder=self.holder, cache=self.cache, upstreams=self.upstreams,
+            acl=AccessList(config.acl.allow), ratelimit=RateLimiter(config.ratelimit),
+            rebinding=RebindingGuard(config.rebinding), querylog=self.querylog,
+            stats=self.stats,
+            settings=PipelineSettings(max_in_flight=config.server.max_in_flight))
+        self.clients = self.pipeline.clients
+        self.tcp_state: TcpState | None = None
+        self.udp: list[UdpListener] = []
+        self.tcp_servers: list[asyncio.base_events.Server] = []
+        self.bound: list[tuple[str, int]] = []
+        self.metrics_server: MetricsServer | None = None
+        self.registry = registry or CollectorRegistry()
+        self.registry.register(MoatCollector(self))
+        self.reloads: Counter[str] = Counter()
+        self.last_reload = 0.0
+        self.last_report: BuildReport | None = None
+        self.policy_rule_counts: list[tuple[str, str, int]] = []
+        self.policy_loaded = False
+        self.listening = False
+        self._version = 0
+        self._reload_lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._extra_collectors: list[Any] = []
+
+    @staticmethod
+    def _upstream_settings(cfg: Config) -> UpstreamSettings:
+        return UpstreamSettings(servers=cfg.upstream.servers, timeout=cfg.upstream.timeout,
+                                deadline=cfg.upstream.deadline,
+                                tcp_timeout=cfg.upstream.tcp_timeout)
+
+    def healthy(self) -> bool:
+        return self.listening and self.policy_loaded
+
+    def extra_metrics(self) -> Iterable[Metric]:
+        for collector in self._extra_collectors:
+            yield from collector()
+
+    # --- policy -----------------------------------------------------------------------
+
+    async def reload_policy(self, reason: str = "reload") -> BuildReport | None:
+        """Build a new policy beside the live one and swap it in (one reference)."""
+        async with self._reload_lock:
+            self._version += 1
+            version = self._version
+            cfg = self.config
+            t0 = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            try:
+                policy, report = await loop.run_in_executor(
+                    None, build_in_child, cfg.policy, version, self.state_dir, self.extra_rpz)
+            except Exception as exc:  # noqa: BLE001 - keep serving the last good policy
+                self.reloads["failed"] += 1
+                log.error("policy build %d failed (%s); still serving version %d", version,
+                          exc, self.holder.policy.version)
+                return None
+            self.holder.policy = policy  # the swap: queries from now on see the new policy
+            self.policy_loaded = True
+            self.last_reload = time.time()
+            self.last_report = report
+            counts = policy.rules_by_source()
+            self.policy_rule_counts = [(s.name, s.category, counts.get(s.name, 0))
+                                       for s in policy.sources]
+            result = "ok" if report.ok else "partial"
+            self.reloads[result] += 1
+            self._log_report(report, reason, time.perf_counter() - t0)
+            return report
+
+    def _log_report(self, report: BuildReport, reason: str, seconds: float) -> None:
+        per_source = ", ".join(f"{s.name}={s.rules}" for s in report.sources)
+        log.info("policy version %d loaded (%s) in %.2fs: %d rules (%s)", report.version,
+                 reason, seconds, report.rules, per_source)
+        for s in report.sources:
+            if s.status == "failed":
+                log.error("source %s (%s) did not load: %s", s.name, s.location, s.error)
+            elif s.status == "last-good":
+                log.warning("source %s (%s) failed (%s); serving its last good copy",
+                            s.name, s.location, s.error)
+            for p in s.problems:
+                log.warning("%s", p)
+            if s.problem_count > len(s.problems):
+                log.warning("source %s: %d more lines skipped", s.name,
+                            s.problem_count - len(s.problems))
+            for kind, n in sorted(s.unsupported.items()):
+                log.warning("source %s: %d %s rules are not supported and were skipped",
+                            s.name, n, kind)
+
+    # --- start, run, stop -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Policy first, then listeners, then drop privileges, then metrics and log."""
+        await self.reload_policy("start")
+        await self._open_listeners()
+        self._drop_privileges()
+        self.querylog.start()
+        if self.config.metrics.listen:
+            host, port = config_mod.parse_hostport(self.config.metrics.listen)
+            self.metrics_server = MetricsServer(host, port, self.registry, self.healthy)
+            self.metrics_server.start()
+            log.info("metrics on http://%s/metrics",
+                     f"[{host}]:{self.metrics_server.port}" if ":" in host
+                     else f"{host}:{self.metrics_server.port}")
+        self.listening = True
+        self._warn_open_resolver()
+        self._start_timers()
+
+    async def _open_listeners(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config.server
+        limits = TcpLimits(idle_timeout=cfg.tcp_idle_timeout, read_timeout=cfg.tcp_read_timeout,
+                           max_connections=cfg.tcp_max_connections,
+                           max_per_client=cfg.tcp_max_connections_per_client)
+        state = self.tcp_state = TcpState(limits)
+        reuse = cfg.workers > 1
+        for host, port in cfg.listen:
+            usock = udp_socket(host, port, reuse, cfg.udp_rcvbuf)
+            port = usock.getsockname()[1]  # with port 0, the one the kernel chose
+            tsock = tcp_socket(host, port, reuse)
+            listener = UdpListener(self.pipeline)
+            await loop.create_datagram_endpoint(lambda li=listener: li, sock=usock)  # type: ignore[misc]
+            self.udp.append(listener)
+            server = await loop.create_server(lambda: TcpConnection(self.pipeline, state),
+                                              sock=tsock)
+            self.tcp_servers.append(server)
+            self.bound.append((host, port))
+
+    def _drop_privileges(self) -> None:
+        if os.geteuid() != 0:
+            return
+        import grp
+        import pwd
+
+        wanted = self.config.server.user
+        if wanted == "root":
+            log.warning("running as root (server.user = \"root\"): not recommended")
+            return
+        candidates = [wanted] if wanted else ["moat", "nobody"]
+        for name in candidates:
+            try:
+                pw = pwd.getpwnam(name)
+            except KeyError:
+                continue
+            try:
+                groups = [g.gr_gid for g in grp.getgrall() if name in g.gr_mem]
+                os.setgroups(groups)
+                os.setgid(pw.pw_gid)
+                os.setuid(pw.pw_uid)
+            except OSError as exc:
+                raise SystemExit(f"moat: cannot drop privileges to {name}: {exc}") from None
+            log.info("dropped privileges to user %s (uid %d) after binding", name, pw.pw_uid)
+            return
+        raise SystemExit(f"moat: started as root and no user to drop to "
+                         f"(tried {', '.join(candidates)}); set server.user")
+
+    def _warn_open_resolver(self) -> None:
+        import ipaddress
+
+        acl = self.pipeline.acl
+        for host, port in self.bound:
+            ip = ipaddress.ip_address(host)
+            public = ip.is_global or ip.is_unspecified
+            if public and acl.wide_open:
+                log.warning("listening on %s:%d with an ACL that allows everyone: this is an "
+                            "open resolver; restrict [acl] allow", host, port)
+
+    def _start_timers(self) -> None:
+        pol = self.config.policy
+        if pol.reload_interval > 0:
+            self._spawn(self._every(pol.reload_interval, "timer"))
+        if pol.watch > 0:
+            self._spawn(self._watch(pol.watch))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _every(self, seconds: float, reason: str) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            await self.reload_policy(reason)
+
+    def _file_stamps(self) -> dict[str, tuple[int, int]]:
+        stamps = {}
+        for src in all_sources(self.config.policy, self.extra_rpz):
+            if src.path:
+                try:
+                    st = os.stat(src.path)
+                    stamps[src.path] = (st.st_size, st.st_mtime_ns)
+                except OSError:
+                    stamps[src.path] = (-1, -1)
+        return stamps
+
+    async def _watch(self, seconds: float) -> None:
+        before = self._file_stamps()
+        while True:
+            await asyncio.sleep(seconds)
+            now = self._file_stamps()
+            if now != before:
+                before = now
+                await self.reload_policy("file changed")
+
+    async def reload_config(self) -> None:
+        """SIGHUP: re-read the config file; keep the running one if the new one is bad."""
+        if self.config.path:
+            try:
+                new = config_mod.load(self.config.path, self.overrides)
+            except ConfigError as exc:
+                log.error("config reload rejected, keeping the running config:\n  %s",
+                          "\n  ".join(exc.problems))
+                self.reloads["config-rejected"] += 1
+                await self.reload_policy("SIGHUP (old config)")
+                return
+            self._apply_config(new)
+        await self.reload_policy("SIGHUP")
+
+    def _apply_config(self, new: Config) -> None:
+        old = self.config
+        if new.server.listen != old.server.listen or new.metrics != old.metrics or \
+                new.server.workers != old.server.workers:
+            log.warning("listen addresses, workers and metrics changes take effect at the "
+                        "next restart")
+            new = replace(new, server=replace(new.server, listen=old.server.listen,
+                                              workers=old.server.workers),
+                          metrics=old.metrics)
+        p = self.pipeline
+        if new.upstream != old.upstream:
+            self.upstreams = p.upstreams = UpstreamPool(self._upstream_settings(new))
+        if new.cache != old.cache:
+            if new.cache.size != old.cache.size:
+                self.cache = p.cache = AnswerCache(new.cache)
+            else:
+                self.cache.settings = new.cache
+        p.acl = AccessList(new.acl.allow)
+        p.ratelimit = RateLimiter(new.ratelimit)
+        p.rebinding = RebindingGuard(new.rebinding)
+        p.settings = PipelineSettings(max_in_flight=new.server.max_in_flight)
+        if new.log != old.log:
+            self.querylog.stop()
+            self.querylog = p.querylog = QueryLog(new.log.querylog(), self.stats)
+            self.querylog.start()
+        self.config = new
+        log.info("config reloaded from %s", new.path)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, stop gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP,
+                                lambda: self._spawn(self.reload_config()))
+        await self.start()
+        addrs = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.bound)
+        log.info("moat %s listening on %s (udp+tcp), upstreams %s", _version(), addrs,
+                 ", ".join(u.label for u in self.upstreams.upstreams))
+        await self._stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        log.info("shutting down: no new queries, finishing the ones in flight")
+        for listener in self.udp:
+            listener.close()
+        for server in self.tcp_servers:
+            server.close()
+        await self.pipeline.drain(self.config.server.shutdown_grace)
+        if self.tcp_state is not None:
+            for conn in list(self.tcp_state.connections):
+                conn.close()
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        self.querylog.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        self.listening = False
+        log.info("stopped")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
