@@ -122,7 +122,7 @@ class App:
                 log.error("policy build %d failed (%s); still serving version %d", version,
                           exc, self.holder.policy.version)
                 return None
-            self.holder.policy = policy  # the swap: queries from now on see the new policy
+            self.holder.swap(policy)  # queries from now on see the new policy
             self.policy_loaded = True
             self.last_reload = time.time()
             self.last_report = report
@@ -159,8 +159,6 @@ class App:
         """Policy first, then listeners, then drop privileges, then metrics and log."""
         await self.reload_policy("start")
         await self._open_listeners()
-        self._drop_privileges()
-        self.querylog.start()
         if self.config.metrics.listen:
             host, port = config_mod.parse_hostport(self.config.metrics.listen)
             self.metrics_server = MetricsServer(host, port, self.registry, self.healthy)
@@ -168,6 +166,8 @@ class App:
             log.info("metrics on http://%s/metrics",
                      f"[{host}]:{self.metrics_server.port}" if ":" in host
                      else f"{host}:{self.metrics_server.port}")
+        self._drop_privileges()
+        self.querylog.start()
         self.listening = True
         self._warn_open_resolver()
         self._start_timers()
@@ -209,6 +209,12 @@ class App:
             except KeyError:
                 continue
             try:
+                # The state directory (feed copies, last good lists) must stay writable.
+                os.makedirs(self.state_dir, exist_ok=True)
+                os.chown(self.state_dir, pw.pw_uid, pw.pw_gid)
+                for root, dirs, files in os.walk(self.state_dir):
+                    for entry in dirs + files:
+                        os.chown(os.path.join(root, entry), pw.pw_uid, pw.pw_gid)
                 groups = [g.gr_gid for g in grp.getgrall() if name in g.gr_mem]
                 os.setgroups(groups)
                 os.setgid(pw.pw_gid)
@@ -307,6 +313,7 @@ class App:
             self.querylog.stop()
             self.querylog = p.querylog = QueryLog(new.log.querylog(), self.stats)
             self.querylog.start()
+        p.parts_changed()
         self.config = new
         log.info("config reloaded from %s", new.path)
 

@@ -46,7 +46,7 @@ class CacheSettings:
 class CacheEntry:
     __slots__ = ("flags", "an", "ns", "ar", "body", "ttl_offsets", "ttls", "stored",
                  "expires", "dead_after", "rcode", "names", "addresses", "_age", "_patched",
-                 "policy_version", "verdict")
+                 "valid_until", "policy_version", "verdict", "count_key", "fast")
 
     flags: int
     an: int
@@ -63,8 +63,11 @@ class CacheEntry:
     addresses: tuple[str, ...]  # A/AAAA addresses in the answer (response-IP checks)
     _age: int
     _patched: bytes
+    valid_until: float  # _patched has the right TTLs until this moment
     policy_version: int
     verdict: Any
+    count_key: int  # qtype * 16 + rcode (resolver/fastpath.py counts by it)
+    fast: Any  # resolver/fastpath.py's memo of the last answer it built from this entry
 
     def body_at(self, now: float) -> bytes:
         """The body with TTLs aged to ``now`` (memoised per whole second of age)."""
@@ -78,6 +81,7 @@ class CacheEntry:
             pack(buf, off, ttl - age if ttl > age else 0)
         self._age = age
         self._patched = bytes(buf)
+        self.valid_until = self.stored + age
         return self._patched
 
     def body_stale(self, stale_ttl: int) -> bytes:
@@ -94,18 +98,40 @@ def _soa_minimum(data: bytes, rec: wire.Record) -> int:
     return _TTL.unpack_from(data, off + 16)[0]
 
 
+class _Lru(LRUCache):  # type: ignore[type-arg]
+    """cachetools' LRU, telling the cache when an entry leaves (evicted or dropped)."""
+
+    def __init__(self, maxsize: int, on_remove: Any) -> None:
+        super().__init__(maxsize=maxsize)
+        self._on_remove = on_remove
+
+    def __delitem__(self, key: Any) -> None:  # type: ignore[override]
+        super().__delitem__(key)
+        self._on_remove(key)
+
+
 class AnswerCache:
-    """An LRU (cachetools) of CacheEntry, capped at ``settings.size`` entries."""
+    """An LRU (cachetools) of CacheEntry, capped at ``settings.size`` entries.
+
+    ``index`` mirrors the LRU's contents in a plain dict: the fast path reads it without
+    touching the LRU order, and refreshes the order when it re-patches an entry's TTLs
+    (about once a second per busy entry), so eviction stays close to LRU.
+    """
 
     def __init__(self, settings: CacheSettings) -> None:
         self.settings = settings
-        self._lru: LRUCache[bytes, CacheEntry] = LRUCache(maxsize=max(settings.size, 1))
+        self.index: dict[bytes, CacheEntry] = {}
+        self._lru: LRUCache[bytes, CacheEntry] = _Lru(max(settings.size, 1),
+                                                      self._removed)
         self.hits = 0
         self.misses = 0
         self.stale_served = 0
 
     def __len__(self) -> int:
         return len(self._lru)
+
+    def _removed(self, key: bytes) -> None:
+        self.index.pop(key, None)
 
     def get(self, key: bytes) -> CacheEntry | None:
         """The entry for ``key`` (fresh or stale), or None. Dead entries are dropped."""
@@ -125,6 +151,7 @@ class AnswerCache:
         entry = make_entry(msg, data, now, self.settings)
         if entry is not None:
             self._lru[key] = entry
+            self.index[key] = entry
         return entry
 
 
@@ -214,6 +241,9 @@ def make_entry(msg: wire.Message, data: bytes, now: float, s: CacheSettings,
     e.addresses = tuple(dict.fromkeys(addresses))
     e._age = -1
     e._patched = b""
+    e.valid_until = -1.0
+    e.count_key = msg.qtype * 16 + (rcode & 0xF)
+    e.fast = None
     e.policy_version = -1
     e.verdict = None
     return e

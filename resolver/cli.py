@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="worker processes sharing the port (SO_REUSEPORT)")
     serve.add_argument("--state-dir", metavar="DIR",
                        help="where feed copies and last good lists are kept")
+    serve.add_argument("--user", metavar="USER",
+                       help="when started as root: the user to switch to after binding "
+                            "(default: moat, else nobody; 'root' stays root)")
 
     check = sub.add_parser("check", help="print the verdict a query would get",
                            description="Load the configured policy and print the verdict a "
@@ -81,6 +84,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         o.setdefault("server", {})["listen"] = args.listen
     if getattr(args, "workers", None):
         o.setdefault("server", {})["workers"] = args.workers
+    if getattr(args, "user", None):
+        o.setdefault("server", {})["user"] = args.user
     if getattr(args, "state_dir", None):
         o.setdefault("server", {})["state_dir"] = args.state_dir
     if getattr(args, "upstream", None):

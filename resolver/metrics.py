@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -102,10 +103,19 @@ class MoatCollector(Collector):
         st = app.stats
         now = time.perf_counter()  # the clock ClientTracker is fed with
 
+        # The fast path folds three counters into one (resolver/fastpath.py): unfold.
+        fast = list(app.pipeline.fast.counts.items())
+        fast_hits = sum(n for _, n in fast)
+        queries = Counter(st.queries)
+        responses = Counter(st.responses)
+        for k, n in fast:
+            queries[("udp", k >> 4)] += n
+            responses[(k & 0xF, "cache")] += n
+
         c = CounterMetricFamily("moat_queries", "Queries received",
                                 labels=["transport", "qtype"])
         folded: dict[tuple[str, str], int] = {}
-        for (transport, qtype), n in list(st.queries.items()):
+        for (transport, qtype), n in queries.items():
             key = (transport, stats_mod.qtype_label(qtype))
             folded[key] = folded.get(key, 0) + n
         for (transport, qlabel), n in sorted(folded.items()):
@@ -114,7 +124,7 @@ class MoatCollector(Collector):
 
         c = CounterMetricFamily("moat_responses", "Responses sent (DROP: none sent)",
                                 labels=["rcode", "source"])
-        for (rcode, source), n in sorted(list(st.responses.items())):
+        for (rcode, source), n in sorted(responses.items()):
             c.add_metric([wire.RCODE_NAMES.get(rcode, "DROP" if rcode < 0 else "OTHER"),
                           source], n)
         yield c
@@ -126,7 +136,7 @@ class MoatCollector(Collector):
         yield c
 
         yield CounterMetricFamily("moat_cache_hits", "Answers served from the cache",
-                                  value=app.cache.hits)
+                                  value=app.cache.hits + fast_hits)
         yield CounterMetricFamily("moat_cache_misses", "Queries the cache could not answer",
                                   value=app.cache.misses)
         yield CounterMetricFamily("moat_cache_stale_served",
@@ -150,8 +160,11 @@ class MoatCollector(Collector):
                                   "Upstream packets ignored: wrong source, ID or question",
                                   value=app.upstreams.mismatched + app.upstreams.malformed)
 
+        buckets = list(st.duration_buckets)
+        buckets[0] += app.pipeline.fast.quick
         yield _histogram("moat_request_duration_seconds", "Time from query to answer",
-                         stats_mod.DURATION_BUCKETS, st.duration_buckets, st.duration_sum)
+                         stats_mod.DURATION_BUCKETS, buckets,
+                         st.duration_sum + app.pipeline.fast.quick_sum)
 
         c = CounterMetricFamily("moat_malformed_queries", "Malformed queries by kind",
                                 labels=["kind"])
@@ -221,6 +234,16 @@ class _QuietHandler(WSGIRequestHandler):
 
 class _ThreadingWSGIServer(WSGIServer):
     daemon_threads = True
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind would call socket.getfqdn(): a reverse DNS lookup through
+        # the system resolver, which may be moat itself, not started yet.
+        import socketserver
+
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = str(self.server_address[0])
+        self.server_port = self.server_address[1]
+        self.setup_environ()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         t = threading.Thread(target=self.process_request_thread,

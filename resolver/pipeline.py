@@ -38,6 +38,7 @@ from . import synth, wire
 from .acl import AccessList
 from .cache import AnswerCache, CacheEntry, answer_from_entry, make_entry
 from .querylog import QueryLog
+from .fastpath import FastPath
 from .metrics import ClientTracker
 from .ratelimit import ADMIT, SLIP, RateLimiter
 from .rebinding import RebindingGuard
@@ -61,12 +62,24 @@ class Responder(Protocol):
 
 
 class PolicyHolder:
-    """The current policy snapshot. Replaced whole on reload; each query reads it once."""
+    """The current policy snapshot. Replaced whole on reload; each query reads it once.
 
-    __slots__ = ("policy",)
+    ``swap`` replaces it and tells the subscribers (the pipeline drops its memos)."""
+
+    __slots__ = ("policy", "_subscribers")
 
     def __init__(self, policy: PolicyView) -> None:
         self.policy = policy
+        self._subscribers: list[Any] = []
+
+    def subscribe(self, callback: Any) -> None:
+        self._subscribers.append(callback)
+        callback(self.policy)
+
+    def swap(self, policy: PolicyView) -> None:
+        self.policy = policy
+        for callback in self._subscribers:
+            callback(policy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +122,23 @@ class Pipeline:
         self._memo_version = -1
         self._logged_errors: set[str] = set()
         self.clients = ClientTracker()
+        self.fast = FastPath(self)
+        holder.subscribe(self._policy_changed)
+
+    def _policy_changed(self, policy: PolicyView) -> None:
+        self._memo.clear()  # in place: the fast path holds this dict
+        self._memo_version = policy.version
+        self.fast.policy_changed(policy.version)
+
+    def parts_changed(self) -> None:
+        """The ACL, rate limiter or cache were replaced (config reload)."""
+        self.fast.parts_changed()
 
     # --- 1..9: the synchronous part -------------------------------------------------
 
-    def handle(self, data: bytes, addr: Any, responder: Responder) -> None:
+    def handle(self, data: bytes, addr: Any, responder: Responder,
+               ratelimit_decision: int | None = None) -> None:
+        """Answer one query. ``ratelimit_decision``: already made by the fast path."""
         t0 = time.perf_counter()
         # 1. decode
         try:
@@ -124,11 +150,11 @@ class Pipeline:
         req = Request(query, addr, responder, t0)
         # 2. guard
         try:
-            self._admit_and_answer(req)
+            self._admit_and_answer(req, ratelimit_decision)
         except Exception as exc:  # noqa: BLE001 - the guard: never let a query crash moat
             self._internal_error(req, exc)
 
-    def _admit_and_answer(self, req: Request) -> None:
+    def _admit_and_answer(self, req: Request, decision: int | None) -> None:
         query = req.query
         host = req.addr[0]
         # 3. ACL
@@ -137,7 +163,10 @@ class Pipeline:
             self._reply(req, wire.error_response(query.data, wire.REFUSED, query), "error")
             return
         # 4. rate limit
-        decision = self.ratelimit.check(host) if self.ratelimit.s.enabled else ADMIT
+        if decision is None:
+            limited = self.ratelimit.limits(host)
+            self.fast.learn_host(host, limited)
+            decision = self.ratelimit.check(host) if limited else ADMIT
         if decision != ADMIT:
             if decision == SLIP and req.responder.transport == "udp":
                 self.stats.shed["ratelimit-slip"] += 1
@@ -155,7 +184,7 @@ class Pipeline:
         if verdict is not None:
             req.verdict = verdict
             if verdict.action not in _ANSWERS_NORMALLY:
-                self._apply(req, verdict)
+                self._apply(req, verdict, query_time=not policy.client_dependent)
                 return
         # 7. special qtypes and classes
         if query.qtype == wire.TYPE_ANY:
@@ -187,7 +216,7 @@ class Pipeline:
         if policy.client_dependent:
             return policy.check_query(query.qname, query.qtype, host)
         if self._memo_version != policy.version:
-            self._memo = {}
+            self._memo.clear()  # in place: the fast path holds this dict
             self._memo_version = policy.version
         memo = self._memo
         key = query.key
@@ -238,7 +267,9 @@ class Pipeline:
 
     # --- policy actions -------------------------------------------------------------
 
-    def _apply(self, req: Request, verdict: Verdict) -> None:
+    def _apply(self, req: Request, verdict: Verdict, query_time: bool = False) -> None:
+        """Answer as ``verdict`` says. A query-time answer is remembered for the fast path
+        (it depends only on the question, the query's shape and the policy version)."""
         query = req.query
         action = verdict.action
         if action == Action.DROP:
@@ -251,7 +282,10 @@ class Pipeline:
         elif action == Action.LOCAL_DATA and synth.cname_target(query, verdict) is not None:
             self._chase(req, verdict)
         else:
-            self._reply(req, synth.blocked_answer(query, verdict), "policy")
+            answer = synth.blocked_answer(query, verdict)
+            if query_time and req.responder.transport == "udp":
+                self.fast.remember_synth(query, answer, verdict)
+            self._reply(req, answer, "policy")
 
     # --- 10: forwarding (async) -----------------------------------------------------
 

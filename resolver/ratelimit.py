@@ -57,6 +57,10 @@ class RateLimiter:
         self._prefix_of[host] = k
         return k
 
+    def limits(self, host: str) -> bool:
+        """Whether queries from ``host`` are counted at all (not exempt, limiter on)."""
+        return self.s.enabled and self._key(host) is not None
+
     def check(self, host: str, now: float | None = None) -> int:
         """ADMIT, SLIP (answer TC=1) or DROP for one query from ``host``."""
         if not self.s.enabled:

@@ -41,6 +41,7 @@ class UdpListener(asyncio.DatagramProtocol):
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
+        self.fast = pipeline.fast.answer
         self._t: asyncio.DatagramTransport | None = None
         self.send_errors = 0
 
@@ -48,7 +49,9 @@ class UdpListener(asyncio.DatagramProtocol):
         self._t = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.pipeline.handle(data, addr, self)
+        # Cache hits and known blocked names: resolver/fastpath.py; the rest: the pipeline.
+        if not self.fast(data, addr, self):
+            self.pipeline.handle(data, addr, self)
 
     def send(self, data: bytes, addr: Any) -> None:
         t = self._t

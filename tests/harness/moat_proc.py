@@ -96,6 +96,7 @@ class MoatProcess:
         self.probe = probe
         self.cwd = Path(cwd) if cwd else REPO_ROOT
         self.workdir = Path(tempfile.mkdtemp(prefix="moat-proc-"))
+        self.state_dir = self.workdir / "state"
         self.proc: ManagedProcess | None = None
         self.args: list[str] = []
         self.listen: list[tuple[str, int]] = []
@@ -152,6 +153,10 @@ class MoatProcess:
         last = ""
         for attempt in range(attempts):
             args = list(self.base_args)
+            if "--user" not in args and os.geteuid() == 0 and self.command[-1] == "serve":
+                args += ["--user", "root"]  # tests run as root: no privilege drop
+            if "--state-dir" not in args and self.command[-1] == "serve":
+                args += ["--state-dir", str(self.state_dir)]
             if auto:
                 port = free_port_on("127.0.0.1")
                 args = ["--listen", f"127.0.0.1:{port}", *args]

@@ -1,0 +1,226 @@
+"""The UDP fast path: a cache hit, or a blocked name seen before, answered in a few µs.
+
+This module holds the speed tricks, so the pipeline can stay readable. It answers only
+what the full pipeline (resolver/pipeline.py) has already decided once, from state the
+pipeline filled and keeps current:
+
+* ``hosts``: clients the ACL allows, and whether the rate limiter must count them;
+* ``memo``: the query-policy verdict per question (the pipeline's own memo, cleared when
+  the policy changes);
+* a cache entry whose answer-policy verdict for the current policy version is "allowed";
+* ``synth``: the synthesised policy answer per question and query shape.
+
+Everything else goes back to the pipeline (``answer`` returns False): first queries,
+misses, malformed or unusual packets (opcode, counts, EDNS version, odd OPT placement),
+new clients, rate-limit decisions other than "admit", answers that need truncation,
+client-dependent policies.
+
+Why it is correct to skip the full parser: the lookup key is the raw question bytes up to
+the first zero byte (lower-cased) plus a byte for DO/CD. Keys in the cache and memos were
+made by the full parser from well-formed questions, so an equal key proves the question
+is well-formed; a malformed one simply misses and goes the long way.
+
+What a cache hit costs: the answer after the ID is memoised on the entry for as long as
+its TTLs stay right (they are re-patched once a second) and queries keep the same header
+flags and question bytes, so a hit is a few comparisons, two dict lookups, one
+concatenation and a send.
+
+Counting is folded: ``counts[qtype * 16 + rcode]`` stands for queries_total,
+responses_total and cache_hits_total together, and ``quick``/``quick_sum`` for the
+first request-duration bucket; the metrics collector unfolds them.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+from time import monotonic, perf_counter
+from typing import Any
+
+from policy.rules import Action
+
+from . import wire
+from .cache import _OPT, _OPT_DO
+from .ratelimit import ADMIT
+
+_TAIL = struct.Struct("!HHHHH")  # flags, qd, an, ns, ar
+_PLAIN_QUERY = b"\x00\x01\x00\x00\x00\x00\x00\x00"
+_EDNS_QUERY = b"\x00\x01\x00\x00\x00\x00\x00\x01"
+_KEY_SUFFIX = (b"\x00", b"\x01", b"\x02", b"\x03")  # DO | CD << 1, as in wire.parse_query
+_FIRST_BUCKET = 0.0001  # stats.DURATION_BUCKETS[0]
+_SYNTH_OK = (Action.NXDOMAIN, Action.NODATA, Action.SINKHOLE, Action.LOCAL_DATA)
+_MEMO_LIMIT = 50000
+
+
+class FastPath:
+    def __init__(self, pipeline: Any) -> None:
+        self.p = pipeline
+        #: client address -> True (serve, no rate limit) / False (serve, rate-limited)
+        self.hosts: dict[str, bool] = {}
+        self.memo: dict[bytes, Any] = pipeline._memo
+        self.version = -1
+        self.index: dict[bytes, Any] = pipeline.cache.index
+        #: question key + query shape -> (answer, verdict, stats key)
+        self.synth: dict[bytes, tuple[bytes, Any, tuple[str, str, str, str]]] = {}
+        #: qtype * 16 + rcode -> answers from the cache
+        self.counts: collections.defaultdict[int, int] = collections.defaultdict(int)
+        #: answers that took less than the first histogram bucket, and their total time
+        self.quick = 0
+        self.quick_sum = 0.0
+
+    # --- kept current by the pipeline -----------------------------------------------
+
+    def policy_changed(self, version: int) -> None:
+        self.version = version
+        self.synth.clear()
+
+    def parts_changed(self) -> None:
+        """The ACL, rate limiter or cache were replaced (config reload)."""
+        self.hosts.clear()
+        self.index = self.p.cache.index
+
+    def learn_host(self, host: str, rate_limited: bool) -> None:
+        if len(self.hosts) >= _MEMO_LIMIT:
+            self.hosts.clear()
+        self.hosts[host] = not rate_limited
+
+    @staticmethod
+    def shape(data: bytes, edns: bool) -> bytes:
+        """What besides the question decides a synthesised answer: flags, EDNS (DO is in
+        the key)."""
+        return data[2:4] + (b"E" if edns else b"-")
+
+    def remember_synth(self, query: wire.Query, answer: bytes, verdict: Any) -> None:
+        """Called by the pipeline after it synthesised a query-time policy answer."""
+        if verdict.action not in _SYNTH_OK or len(answer) > 512 or \
+                verdict.policy_version != self.version:
+            return
+        if len(self.synth) >= _MEMO_LIMIT:
+            self.synth.clear()
+        self.synth[query.key + self.shape(query.data, query.edns)] = (
+            answer, verdict,
+            (verdict.category, verdict.family, verdict.action.label, verdict.source))
+
+    # --- the fast path --------------------------------------------------------------
+
+    def answer(self, data: bytes, addr: Any, listener: Any) -> bool:
+        """Answer ``data`` if it is a case this module handles; False otherwise.
+
+        ``listener`` is the UdpListener (its ``_t`` the transport to send with)."""
+        t0 = perf_counter()
+        counts = data[4:12]
+        if counts == _EDNS_QUERY:
+            edns = True
+        elif counts == _PLAIN_QUERY:
+            edns = False
+        else:
+            return False
+        if data[2] & 0xF8:  # QR=1 or an opcode: the long way
+            return False
+        qend = data.find(b"\x00", 12) + 5
+        n = len(data)
+        if edns:
+            # The OPT RR right after the question: root owner, type 41, version 0,
+            # and its RDATA must end the packet.
+            if qend < 17 or data[qend:qend + 3] != b"\x00\x00\x29" or qend + 11 > n or \
+                    data[qend + 6] or qend + 11 + (data[qend + 9] << 8 | data[qend + 10]) != n:
+                return False
+            do = data[qend + 7] & 0x80
+        else:
+            if qend < 17 or qend != n:
+                return False
+            do = 0
+        host = addr[0]
+        known = self.hosts.get(host)
+        if known is not True:
+            if known is None:
+                return False  # a client not seen yet: the pipeline sorts it out
+            decision = self.p.ratelimit.check(host)
+            if decision != ADMIT:  # slip or drop: the pipeline does it, once
+                self.p.handle(data, addr, listener, decision)
+                return True
+        question = data[12:qend]
+        key = question.lower() + _KEY_SUFFIX[(1 if do else 0) | (2 if data[3] & 0x10 else 0)]
+        verdict = self.memo.get(key, False)
+        if verdict is not None:
+            if verdict is False:
+                return False
+            return self._synthesised(data, addr, listener._t, key, edns, qend, t0)
+        entry = self.index.get(key)
+        if entry is None:
+            return False
+        now = monotonic()
+        flags = data[2:4]
+        memo = entry.fast
+        if memo is not None and now < memo[2] and memo[4] == self.version and \
+                memo[0] == flags and memo[1] is edns and memo[3] == question:
+            answer = data[:2] + memo[5]
+        else:
+            if now >= entry.expires or entry.policy_version != self.version or \
+                    entry.verdict is not None:
+                return False
+            answer = data[:2] + self._build(entry, now, flags, edns, question, do)
+            self.p.cache.get(key)  # refresh the LRU order about once a second per entry
+        size = len(answer)
+        if size > 512 and (not edns or size > wire.UDP_PAYLOAD or
+                           size > (data[qend + 3] << 8 | data[qend + 4])):
+            return False  # the pipeline truncates
+        listener._t.sendto(answer, addr)
+        self.counts[entry.count_key] += 1
+        active = self.p.clients.active
+        if host in active:
+            active[host] = t0
+        else:
+            self.p.clients.seen(host, t0)
+        elapsed = perf_counter() - t0
+        if elapsed < _FIRST_BUCKET:
+            self.quick += 1
+            self.quick_sum += elapsed
+        else:
+            self.p.stats.observe_duration(elapsed)
+        return True
+
+    def _build(self, entry: Any, now: float, flags_bytes: bytes, edns: bool,
+               question: bytes, do: int) -> bytes:
+        """The answer after the ID for this entry and query shape; memoised on the entry."""
+        body = entry.body_at(now)
+        qflags = flags_bytes[0] << 8 | flags_bytes[1]
+        flags = entry.flags | (qflags & (wire.RD | wire.CD))
+        if not (do or qflags & wire.AD):
+            flags &= ~wire.AD
+        if edns:
+            rest = _TAIL.pack(flags, 1, entry.an, entry.ns, entry.ar + 1) + question + body + \
+                (_OPT_DO if do else _OPT)
+        else:
+            rest = _TAIL.pack(flags, 1, entry.an, entry.ns, entry.ar) + question + body
+        valid = min(entry.valid_until, entry.expires)
+        entry.fast = (flags_bytes, edns, valid, question, self.version, rest)
+        return rest
+
+    def _synthesised(self, data: bytes, addr: Any, transport: Any, key: bytes, edns: bool,
+                     qend: int, t0: float) -> bool:
+        memo = self.synth.get(key + data[2:4] + (b"E" if edns else b"-"))
+        if memo is None:
+            return False
+        stored, v, stats_key = memo
+        answer = data[:2] + stored[2:12] + data[12:qend] + stored[qend:]
+        transport.sendto(answer, addr)
+        p = self.p
+        qtype = data[qend - 4] << 8 | data[qend - 3]
+        rcode = stored[3] & 0x0F
+        p.stats.queries[("udp", qtype)] += 1
+        p.stats.responses[(rcode, "policy")] += 1
+        p.stats.policy_hits[stats_key] += 1
+        host = addr[0]
+        p.clients.seen(host, t0)
+        p.clients.threat(v.category, host, t0)
+        if p.querylog.enabled:
+            p.querylog.record(host, addr[1], "udp", wire.wire_name_to_text(key[:qend - 16]),
+                              qtype, v, rcode, "policy", perf_counter() - t0)
+        elapsed = perf_counter() - t0
+        if elapsed < _FIRST_BUCKET:
+            self.quick += 1
+            self.quick_sum += elapsed
+        else:
+            p.stats.observe_duration(elapsed)
+        return True
