@@ -305,8 +305,9 @@ def build_policy(settings: PolicySettings, version: int = 1, state_dir: str = ""
                  extra_rpz: tuple[str, ...] = ()) -> tuple[Policy, BuildReport]:
     """Build a policy in this process."""
     builder, parts, report = build_parts(settings, version, state_dir, extra_rpz)
+    labels = builder.label_range()
     keys, meta, directory, k = builder.finish()
-    policy = Policy(version, NameIndex.from_arrays(keys, meta, directory, k), parts)
+    policy = Policy(version, NameIndex.from_arrays(keys, meta, directory, k, labels), parts)
     report.seconds = max(report.seconds, 0.0)
     return policy, report
 
@@ -323,6 +324,7 @@ def _align(n: int) -> int:
 
 def write_index_file(path: str, builder: IndexBuilder, parts: PolicyParts,
                      report: BuildReport) -> None:
+    labels = builder.label_range()
     keys, meta, directory, k = builder.finish()
     blob = pickle.dumps((parts, report), protocol=pickle.HIGHEST_PROTOCOL)
     sections = [("keys", keys.tobytes()), ("meta", meta.tobytes()),
@@ -332,7 +334,8 @@ def write_index_file(path: str, builder: IndexBuilder, parts: PolicyParts,
     for name, raw in sections:
         layout[name] = [offset, len(raw)]
         offset = _align(offset + len(raw))
-    header = json.dumps({"k": k, "layout": layout, "version": report.version}).encode()
+    header = json.dumps({"k": k, "layout": layout, "version": report.version,
+                         "labels": labels}).encode()
     base = _align(_HDR.size + len(header))
     with open(path, "wb") as fh:
         fh.write(_HDR.pack(_MAGIC, len(header)) + header)
@@ -362,7 +365,7 @@ def open_index_file(path: str, unlink: bool = True) -> tuple[Policy, BuildReport
 
     parts, report = pickle.loads(section("parts"))
     index = NameIndex(section("keys").cast("Q"), section("meta").cast("Q"),
-                      section("dir").cast("I"), header["k"], (mm,))
+                      section("dir").cast("I"), header["k"], tuple(header["labels"]), (mm,))
     return Policy(report.version, index, parts), report
 
 

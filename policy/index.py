@@ -24,6 +24,7 @@ covers the needed scope is the one with the highest precedence.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -65,6 +66,8 @@ class IndexBuilder:
     def __init__(self) -> None:
         self._keys: list[np.ndarray] = []
         self._meta: list[np.ndarray] = []
+        self._min_labels = 255
+        self._max_labels = 0
 
     def add(self, source: int, names: list[str], scopes: bytes | bytearray,
             actions: bytes | bytearray, lines: np.ndarray | memoryview,
@@ -72,6 +75,10 @@ class IndexBuilder:
         n = len(names)
         if n == 0:
             return
+        dots = np.fromiter(map(str.count, names, itertools.repeat(".", n)), dtype=np.int32,
+                           count=n)
+        self._min_labels = min(self._min_labels, int(dots.min()) + 1)
+        self._max_labels = max(self._max_labels, int(dots.max()) + 1)
         keys = np.fromiter(map(hash, names), dtype=np.int64, count=n).view(np.uint64)
         fam = families if families is not None else np.zeros(n, dtype=np.uint16)
         meta = pack_meta(np.full(n, source, dtype=np.uint8),
@@ -80,6 +87,10 @@ class IndexBuilder:
                          np.asarray(lines, dtype=np.uint32))
         self._keys.append(keys)
         self._meta.append(meta)
+
+    def label_range(self) -> tuple[int, int]:
+        """(fewest, most) labels in any rule name added so far (lookups skip the rest)."""
+        return (self._min_labels, self._max_labels) if self._max_labels else (1, 0)
 
     def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """(keys, meta, dir, k): sorted, de-duplicated on (key, source, scope)."""
@@ -112,22 +123,26 @@ class IndexBuilder:
 class NameIndex:
     """Read side: lookups over three buffers (numpy arrays or views of a mapped file)."""
 
-    __slots__ = ("keys", "meta", "dir", "shift", "size", "_owners")
+    __slots__ = ("keys", "meta", "dir", "shift", "size", "min_labels", "max_labels", "_owners")
 
     def __init__(self, keys: memoryview, meta: memoryview, directory: memoryview, k: int,
-                 owners: tuple[object, ...] = ()) -> None:
+                 labels: tuple[int, int] = (1, 127), owners: tuple[object, ...] = ()) -> None:
         self.keys = keys
         self.meta = meta
         self.dir = directory
         self.shift = 64 - k
         self.size = len(keys)
+        # Rule names have between min_labels and max_labels labels: suffixes outside that
+        # range cannot match and are not probed.
+        self.min_labels, self.max_labels = labels
         self._owners = owners  # keep the mapping/arrays alive
 
     @classmethod
-    def from_arrays(cls, keys: np.ndarray, meta: np.ndarray, directory: np.ndarray,
-                    k: int) -> NameIndex:
+    def from_arrays(cls, keys: np.ndarray, meta: np.ndarray, directory: np.ndarray, k: int,
+                    labels: tuple[int, int] = (1, 127)) -> NameIndex:
         return cls(memoryview(keys).cast("B").cast("Q"), memoryview(meta).cast("B").cast("Q"),
-                   memoryview(directory).cast("B").cast("I"), k, (keys, meta, directory))
+                   memoryview(directory).cast("B").cast("I"), k, labels,
+                   (keys, meta, directory))
 
     def __len__(self) -> int:
         return self.size
@@ -145,7 +160,13 @@ class NameIndex:
         suffix = name
         depth = 0
         need = 1
-        while True:
+        labels = name.count(".") + 1
+        while labels > self.max_labels:  # deeper than any rule: start lower
+            suffix = suffix[suffix.find(".") + 1:]
+            depth += 1
+            labels -= 1
+            need = 2
+        while labels >= self.min_labels:
             h = hash(suffix) & M64
             b = h >> shift
             i = directory[b]
@@ -166,4 +187,6 @@ class NameIndex:
                 return out
             suffix = suffix[dot + 1:]
             depth += 1
+            labels -= 1
             need = 2
+        return out

@@ -123,6 +123,9 @@ class Pipeline:
         self._logged_errors: set[str] = set()
         self.clients = ClientTracker()
         self.fast = FastPath(self)
+        #: Handles DNS NOTIFY (opcode 4) from RPZ primaries: (raw message, client address)
+        #: -> answer bytes or None. Set by resolver/xfr.py when zones are configured.
+        self.notify_handler: Any = None
         holder.subscribe(self._policy_changed)
 
     def _policy_changed(self, policy: PolicyView) -> None:
@@ -428,11 +431,19 @@ class Pipeline:
     def _malformed(self, err: wire.WireError, data: bytes, addr: Any, responder: Responder,
                    t0: float) -> None:
         kind = err.kind
+        query: wire.Query | None = getattr(err, "query", None)
+        if kind == "opcode" and query is not None and query.opcode == 4 and \
+                self.notify_handler is not None:
+            answer = self.notify_handler(data, addr)  # a zone changed on an RPZ primary
+            if answer is not None:
+                responder.send(answer, addr)
+            else:
+                responder.done_without_answer()
+            return
         self.stats.malformed[kind] += 1
         if kind in ("short", "response"):
             responder.done_without_answer()
             return  # nothing sensible to answer (or an answer: never reply to one)
-        query: wire.Query | None = getattr(err, "query", None)
         rcode = {"opcode": wire.NOTIMP, "badvers": wire.BADVERS}.get(kind, wire.FORMERR)
         answer = wire.error_response(data, rcode, query if kind != "opt" else None)
         responder.send(answer, addr)
