@@ -366,7 +366,9 @@ def open_index_file(path: str, unlink: bool = True) -> tuple[Policy, BuildReport
     parts, report = pickle.loads(section("parts"))
     index = NameIndex(section("keys").cast("Q"), section("meta").cast("Q"),
                       section("dir").cast("I"), header["k"], tuple(header["labels"]), (mm,))
-    return Policy(report.version, index, parts), report
+    policy = Policy(report.version, index, parts)
+    policy.index_file = path
+    return policy, report
 
 
 def index_dir(state_dir: str = "") -> str:
@@ -378,6 +380,30 @@ def index_dir(state_dir: str = "") -> str:
     return state_dir or "."
 
 
+def _remove_orphans(directory: str) -> None:
+    """Index files left by a moat that was killed (its pid is gone): remove them."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if len(parts) < 4 or not name.startswith("moat-policy-") or not name.endswith(".idx"):
+            continue
+        try:
+            pid = int(parts[2])
+            os.kill(pid, 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:
+                pass
+        except PermissionError:
+            continue
+
+
 def build_in_child(settings: PolicySettings, version: int, state_dir: str = "",
                    extra_rpz: tuple[str, ...] = (), unlink: bool = True
                    ) -> tuple[Policy, BuildReport]:
@@ -387,8 +413,10 @@ def build_in_child(settings: PolicySettings, version: int, state_dir: str = "",
     """
     if not hasattr(os, "fork"):
         return build_policy(settings, version, state_dir, extra_rpz)
+    directory = index_dir(state_dir)
+    _remove_orphans(directory)
     fd, path = tempfile.mkstemp(prefix=f"moat-policy-{os.getpid()}-{version}-",
-                                suffix=".idx", dir=index_dir(state_dir))
+                                suffix=".idx", dir=directory)
     os.close(fd)
     read_end, write_end = os.pipe()
     pid = os.fork()

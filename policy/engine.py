@@ -326,6 +326,7 @@ class Policy:
             self.conditional.add(position, crule)
         self.client_dependent = bool(self.client_ip) or self.conditional.client_dependent
         self._enforcing = tuple(not s.log_only for s in self.sources)
+        self.index_file = ""  # the mapped file, when built by build_in_child
 
     def __len__(self) -> int:
         return len(self.index) + self.client_ip.count + self.response_ip.count + \

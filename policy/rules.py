@@ -97,7 +97,7 @@ class Problem:
 
 @dataclass(frozen=True, slots=True)
 class IpRule:
-    """A client-IP or response-IP trigger: ``network`` like ``192.0.2.0/24`` or ``2001:db8::/32``."""
+    """A client-IP or response-IP trigger; ``network`` like ``192.0.2.0/24``, ``2001:db8::/32``."""
 
     trigger: Trigger  # CLIENT_IP or RESPONSE_IP
     network: str
@@ -126,7 +126,7 @@ class PatternRule:
 
 @dataclass(frozen=True, slots=True)
 class ConditionalRule:
-    """A QNAME rule that applies only to some qtypes or clients (AdGuard ``$dnstype``/``$client``)."""
+    """A QNAME rule limited to some qtypes or clients (AdGuard ``$dnstype``/``$client``)."""
 
     name: str
     scope: Scope
@@ -160,11 +160,16 @@ class ParsedSource:
     conditional: list[ConditionalRule] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     ignored: int = 0  # comments, blank lines, headers
-    unsupported: Counter[str] = field(default_factory=Counter)  # kind -> count (NSDNAME, cosmetic, ...)
+    #: kind -> count of rules not turned into rules (NSDNAME, cosmetic, ...)
+    unsupported: Counter[str] = field(default_factory=Counter)
     #: Declared size from a header ("Number of entries: N"), to detect truncated downloads.
     declared_entries: int | None = None
     #: Zone name of an RPZ source (its $ORIGIN or SOA owner), for relative owners.
     origin: str | None = None
+    #: Well-formed lines that made no rule of their own, line -> why (unsupported kind,
+    #: AdBlock rule overridden or $badfilter-ed, RR merged into the rule on line N...),
+    #: so `moat check` can explain every line. Broken lines are in ``problems`` instead.
+    skipped: dict[int, str] = field(default_factory=dict)
 
     def add(self, name: str, scope: Scope, line: int, action: Action = Action.DEFAULT,
             family: str | None = None, local_data: tuple[LocalRecord, ...] = ()) -> None:

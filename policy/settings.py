@@ -61,7 +61,8 @@ class SourceSettings:
     family: str = field(default="", metadata={"doc": "malware family, e.g. QSnatch, Emotet"})
     path: str = field(default="", metadata={"doc": "a local file"})
     url: str = field(default="", metadata={"doc": "an http(s) URL fetched at start and on refresh"})
-    zone: str = field(default="", metadata={"doc": "an RPZ zone name pulled from `primary` by AXFR/IXFR"})
+    zone: str = field(default="", metadata={
+        "doc": "an RPZ zone name pulled from `primary` by AXFR/IXFR"})
     primary: str = field(default="", metadata={"doc": "HOST[:PORT] of the zone's primary server"})
     tsig: TsigKey | None = None
     format: str = field(default="auto", metadata={

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
 from policy import EmptyPolicy
-from policy.build import BuildReport, all_sources, build_in_child
+from policy.build import BuildReport, all_sources, build_in_child, open_index_file
 
 from . import config as config_mod
 from .acl import AccessList
@@ -55,7 +55,13 @@ def default_state_dir() -> str:
 class App:
     def __init__(self, config: Config, *, extra_rpz: tuple[str, ...] = (),
                  overrides: dict[str, Any] | None = None,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, role: str = "single",
+                 sockets: list[tuple[str, int, Any, Any]] | None = None) -> None:
+        """``role``: "single" (the whole server) or "worker" (one of several processes
+        sharing the port: listeners on ``sockets``, the policy pushed by the supervisor,
+        metrics and feeds handled there; see resolver/workers.py)."""
+        self.role = role
+        self.sockets = sockets
         self.config = config
         self.extra_rpz = extra_rpz
         self.overrides = overrides or {}
@@ -78,7 +84,7 @@ class App:
         self.bound: list[tuple[str, int]] = []
         self.metrics_server: MetricsServer | None = None
         self.registry = registry or CollectorRegistry()
-        self.registry.register(MoatCollector(self))
+        self.registry.register(MoatCollector(lambda: self))
         self.reloads: Counter[str] = Counter()
         self.last_reload = 0.0
         self.last_report: BuildReport | None = None
@@ -103,6 +109,38 @@ class App:
     def extra_metrics(self) -> Iterable[Metric]:
         for collector in self._extra_collectors:
             yield from collector()
+
+    def snapshot(self) -> dict[str, Any]:
+        """This process's counters as plain data (a worker sends them to the supervisor)."""
+        st = self.stats
+        fast = self.pipeline.fast
+        tcp = self.tcp_state
+        return {
+            "queries": dict(st.queries), "responses": dict(st.responses),
+            "malformed": dict(st.malformed), "policy_hits": dict(st.policy_hits),
+            "shed": dict(st.shed), "errors": dict(st.errors),
+            "duration_buckets": list(st.duration_buckets), "duration_sum": st.duration_sum,
+            "dropped_log_lines": st.dropped_log_lines,
+            "cache": (self.cache.hits, self.cache.misses, self.cache.stale_served,
+                      len(self.cache)),
+            "upstreams": [(u.label, dict(u.results), list(u.latency_buckets), u.latency_sum)
+                          for u in self.upstreams.upstreams],
+            "ignored": (self.upstreams.mismatched, self.upstreams.malformed),
+            "fast": (dict(fast.counts), fast.quick, fast.quick_sum),
+            "tcp": (tcp.refused, tcp.timed_out) if tcp is not None else (0, 0),
+            "clients": (dict(self.clients.active),
+                        {c: dict(d) for c, d in self.clients.by_category.items()}),
+            "policy_version": self.holder.policy.version,
+            "listening": self.listening,
+        }
+
+    def adopt_policy(self, path: str, version: int) -> None:
+        """Worker: map a policy the supervisor built (resolver/workers.py) and swap it in."""
+        policy, report = open_index_file(path, unlink=False)
+        self.holder.swap(policy)
+        self.policy_loaded = True
+        self.last_reload = time.time()
+        self.last_report = report
 
     # --- policy -----------------------------------------------------------------------
 
@@ -131,35 +169,20 @@ class App:
                                        for s in policy.sources]
             result = "ok" if report.ok else "partial"
             self.reloads[result] += 1
-            self._log_report(report, reason, time.perf_counter() - t0)
+            log_report(report, reason, time.perf_counter() - t0)
             return report
 
-    def _log_report(self, report: BuildReport, reason: str, seconds: float) -> None:
-        per_source = ", ".join(f"{s.name}={s.rules}" for s in report.sources)
-        log.info("policy version %d loaded (%s) in %.2fs: %d rules (%s)", report.version,
-                 reason, seconds, report.rules, per_source)
-        for s in report.sources:
-            if s.status == "failed":
-                log.error("source %s (%s) did not load: %s", s.name, s.location, s.error)
-            elif s.status == "last-good":
-                log.warning("source %s (%s) failed (%s); serving its last good copy",
-                            s.name, s.location, s.error)
-            for p in s.problems:
-                log.warning("%s", p)
-            if s.problem_count > len(s.problems):
-                log.warning("source %s: %d more lines skipped", s.name,
-                            s.problem_count - len(s.problems))
-            for kind, n in sorted(s.unsupported.items()):
-                log.warning("source %s: %d %s rules are not supported and were skipped",
-                            s.name, n, kind)
+    def _drop_privileges(self) -> None:
+        drop_privileges(self.config.server.user, self.state_dir)
 
     # --- start, run, stop -------------------------------------------------------------
 
     async def start(self) -> None:
         """Policy first, then listeners, then drop privileges, then metrics and log."""
-        await self.reload_policy("start")
+        if self.role == "single":
+            await self.reload_policy("start")
         await self._open_listeners()
-        if self.config.metrics.listen:
+        if self.config.metrics.listen and self.role == "single":
             host, port = config_mod.parse_hostport(self.config.metrics.listen)
             self.metrics_server = MetricsServer(host, port, self.registry, self.healthy)
             self.metrics_server.start()
@@ -169,8 +192,9 @@ class App:
         self._drop_privileges()
         self.querylog.start()
         self.listening = True
-        self._warn_open_resolver()
-        self._start_timers()
+        if self.role == "single":
+            self._warn_open_resolver()
+            self._start_timers()
 
     async def _open_listeners(self) -> None:
         loop = asyncio.get_running_loop()
@@ -179,11 +203,8 @@ class App:
                            max_connections=cfg.tcp_max_connections,
                            max_per_client=cfg.tcp_max_connections_per_client)
         state = self.tcp_state = TcpState(limits)
-        reuse = cfg.workers > 1
-        for host, port in cfg.listen:
-            usock = udp_socket(host, port, reuse, cfg.udp_rcvbuf)
-            port = usock.getsockname()[1]  # with port 0, the one the kernel chose
-            tsock = tcp_socket(host, port, reuse)
+        sockets = self.sockets if self.sockets is not None else bind_sockets(cfg)
+        for host, port, usock, tsock in sockets:
             listener = UdpListener(self.pipeline)
             await loop.create_datagram_endpoint(lambda li=listener: li, sock=usock)  # type: ignore[misc]
             self.udp.append(listener)
@@ -191,40 +212,6 @@ class App:
                                               sock=tsock)
             self.tcp_servers.append(server)
             self.bound.append((host, port))
-
-    def _drop_privileges(self) -> None:
-        if os.geteuid() != 0:
-            return
-        import grp
-        import pwd
-
-        wanted = self.config.server.user
-        if wanted == "root":
-            log.warning("running as root (server.user = \"root\"): not recommended")
-            return
-        candidates = [wanted] if wanted else ["moat", "nobody"]
-        for name in candidates:
-            try:
-                pw = pwd.getpwnam(name)
-            except KeyError:
-                continue
-            try:
-                # The state directory (feed copies, last good lists) must stay writable.
-                os.makedirs(self.state_dir, exist_ok=True)
-                os.chown(self.state_dir, pw.pw_uid, pw.pw_gid)
-                for root, dirs, files in os.walk(self.state_dir):
-                    for entry in dirs + files:
-                        os.chown(os.path.join(root, entry), pw.pw_uid, pw.pw_gid)
-                groups = [g.gr_gid for g in grp.getgrall() if name in g.gr_mem]
-                os.setgroups(groups)
-                os.setgid(pw.pw_gid)
-                os.setuid(pw.pw_uid)
-            except OSError as exc:
-                raise SystemExit(f"moat: cannot drop privileges to {name}: {exc}") from None
-            log.info("dropped privileges to user %s (uid %d) after binding", name, pw.pw_uid)
-            return
-        raise SystemExit(f"moat: started as root and no user to drop to "
-                         f"(tried {', '.join(candidates)}); set server.user")
 
     def _warn_open_resolver(self) -> None:
         import ipaddress
@@ -353,6 +340,72 @@ class App:
             self.metrics_server.stop()
         self.listening = False
         log.info("stopped")
+
+
+def drop_privileges(wanted: str, state_dir: str) -> None:
+    """When root: switch to ``wanted`` (default moat, else nobody), keeping the state
+    directory writable for it. "root" keeps root."""
+    if os.geteuid() != 0:
+        return
+    import grp
+    import pwd
+
+    if wanted == "root":
+        log.warning("running as root (server.user = \"root\"): not recommended")
+        return
+    candidates = [wanted] if wanted else ["moat", "nobody"]
+    for name in candidates:
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        try:
+            # The state directory (feed copies, last good lists) must stay writable.
+            os.makedirs(state_dir, exist_ok=True)
+            os.chown(state_dir, pw.pw_uid, pw.pw_gid)
+            for root, dirs, files in os.walk(state_dir):
+                for entry in dirs + files:
+                    os.chown(os.path.join(root, entry), pw.pw_uid, pw.pw_gid)
+            groups = [g.gr_gid for g in grp.getgrall() if name in g.gr_mem]
+            os.setgroups(groups)
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+        except OSError as exc:
+            raise SystemExit(f"moat: cannot drop privileges to {name}: {exc}") from None
+        log.info("dropped privileges to user %s (uid %d) after binding", name, pw.pw_uid)
+        return
+    raise SystemExit(f"moat: started as root and no user to drop to "
+                     f"(tried {', '.join(candidates)}); set server.user")
+
+
+def log_report(report: BuildReport, reason: str, seconds: float) -> None:
+    per_source = ", ".join(f"{s.name}={s.rules}" for s in report.sources)
+    log.info("policy version %d loaded (%s) in %.2fs: %d rules (%s)", report.version,
+             reason, seconds, report.rules, per_source)
+    for s in report.sources:
+        if s.status == "failed":
+            log.error("source %s (%s) did not load: %s", s.name, s.location, s.error)
+        elif s.status == "last-good":
+            log.warning("source %s (%s) failed (%s); serving its last good copy",
+                        s.name, s.location, s.error)
+        for p in s.problems:
+            log.warning("%s", p)
+        if s.problem_count > len(s.problems):
+            log.warning("source %s: %d more lines skipped", s.name,
+                        s.problem_count - len(s.problems))
+        for kind, n in sorted(s.unsupported.items()):
+            log.warning("source %s: %d %s rules are not supported and were skipped",
+                        s.name, n, kind)
+
+
+def bind_sockets(cfg: Any, reuse_port: bool = False) -> list[tuple[str, int, Any, Any]]:
+    """UDP and TCP sockets for every listen address: (host, port, udp, tcp)."""
+    out = []
+    for host, port in cfg.listen:
+        usock = udp_socket(host, port, reuse_port, cfg.udp_rcvbuf)
+        port = usock.getsockname()[1]  # with port 0, the one the kernel chose
+        out.append((host, port, usock, tcp_socket(host, port, reuse_port)))
+    return out
 
 
 def _version() -> str:

@@ -129,6 +129,10 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     _setup_logging(cfg.log.level)
+    if cfg.server.workers > 1:
+        from .workers import Supervisor
+
+        return Supervisor(cfg, extra_rpz=tuple(args.rpz), overrides=_overrides(args)).run()
     from .app import App
 
     loop = _new_loop()

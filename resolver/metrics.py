@@ -95,11 +95,14 @@ def _histogram(name: str, doc: str, buckets: Iterable[float], counts: list[int],
 
 
 class MoatCollector(Collector):
-    def __init__(self, app: App) -> None:
-        self.app = app
+    """Reads a view of the server when scraped: the App itself, or (with several worker
+    processes) a MergedView of their snapshots."""
+
+    def __init__(self, view: Callable[[], Any]) -> None:
+        self.view = view
 
     def collect(self) -> Iterable[Metric]:  # noqa: C901 - a flat list of metrics
-        app = self.app
+        app: App = self.view()
         st = app.stats
         now = time.perf_counter()  # the clock ClientTracker is fed with
 
@@ -220,11 +223,87 @@ class MoatCollector(Collector):
             g.add_metric([cat], n)
         yield g
 
-        for metric in app.extra_metrics():
-            yield metric
+        yield from app.extra_metrics()
 
         yield GaugeMetricFamily("moat_up", "1 when listeners are up and a policy is loaded",
                                 value=1 if app.healthy() else 0)
+
+
+class _NS:
+    """Attribute bag for MergedView (mirrors the App attributes the collector reads)."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+
+class _Entries(_NS):
+    def __len__(self) -> int:
+        return int(self.__dict__["entries"])
+
+
+def merged_view(snapshots: list[dict[str, Any]], supervisor: Any) -> Any:
+    """Sum worker snapshots (App.snapshot) into something MoatCollector can read.
+
+    Counters add up; cache entries add up (each worker has its own cache); distinct
+    clients are a union (the latest time seen wins)."""
+    from .stats import Stats
+
+    st = Stats()
+    cache = [0, 0, 0, 0]
+    ups: dict[str, Any] = {}
+    ignored = [0, 0]
+    fast_counts: Counter[int] = Counter()
+    quick = [0, 0.0]
+    tcp = [0, 0]
+    clients = ClientTracker()
+    for snap in snapshots:
+        for name in ("queries", "responses", "malformed", "policy_hits", "shed", "errors"):
+            getattr(st, name).update(snap[name])
+        for i, n in enumerate(snap["duration_buckets"]):
+            st.duration_buckets[i] += n
+        st.duration_sum += snap["duration_sum"]
+        st.dropped_log_lines += snap["dropped_log_lines"]
+        for i, n in enumerate(snap["cache"]):
+            cache[i] += n
+        for label, results, buckets, total in snap["upstreams"]:
+            u = ups.get(label)
+            if u is None:
+                from .upstream import Upstream
+
+                u = ups[label] = _NS(label=label, results=Counter(), BUCKETS=Upstream.BUCKETS,
+                                     latency_buckets=[0] * len(buckets), latency_sum=0.0)
+            u.results.update(results)
+            for i, n in enumerate(buckets):
+                u.latency_buckets[i] += n
+            u.latency_sum += total
+        ignored[0] += snap["ignored"][0]
+        ignored[1] += snap["ignored"][1]
+        fast_counts.update(snap["fast"][0])
+        quick[0] += snap["fast"][1]
+        quick[1] += snap["fast"][2]
+        tcp[0] += snap["tcp"][0]
+        tcp[1] += snap["tcp"][1]
+        active, by_cat = snap["clients"]
+        for host, t in active.items():
+            clients.active[host] = max(t, clients.active.get(host, t))
+        for cat, d in by_cat.items():
+            target = clients.by_category.setdefault(cat, {})
+            for host, t in d.items():
+                target[host] = max(t, target.get(host, t))
+    return _NS(
+        stats=st,
+        cache=_Entries(hits=cache[0], misses=cache[1], stale_served=cache[2], entries=cache[3]),
+        upstreams=_NS(upstreams=list(ups.values()), mismatched=ignored[0], malformed=ignored[1]),
+        pipeline=_NS(fast=_NS(counts=fast_counts, quick=quick[0], quick_sum=quick[1])),
+        tcp_state=_NS(refused=tcp[0], timed_out=tcp[1]),
+        clients=clients,
+        policy_rule_counts=supervisor.policy_rule_counts,
+        reloads=supervisor.reloads,
+        last_reload=supervisor.last_reload,
+        holder=_NS(policy=_NS(version=supervisor.version)),
+        extra_metrics=supervisor.extra_metrics,
+        healthy=supervisor.healthy,
+    )
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -37,9 +37,9 @@ from policy.verdict import Verdict
 from . import synth, wire
 from .acl import AccessList
 from .cache import AnswerCache, CacheEntry, answer_from_entry, make_entry
-from .querylog import QueryLog
 from .fastpath import FastPath
 from .metrics import ClientTracker
+from .querylog import QueryLog
 from .ratelimit import ADMIT, SLIP, RateLimiter
 from .rebinding import RebindingGuard
 from .stats import Stats
