@@ -126,6 +126,7 @@ class App:
             "upstreams": [(u.label, dict(u.results), list(u.latency_buckets), u.latency_sum)
                           for u in self.upstreams.upstreams],
             "ignored": (self.upstreams.mismatched, self.upstreams.malformed),
+            "ignored_by": {u.label: u.ignored for u in self.upstreams.upstreams},
             "fast": (dict(fast.counts), fast.quick, fast.quick_sum),
             "tcp": (tcp.refused, tcp.timed_out) if tcp is not None else (0, 0),
             "clients": (dict(self.clients.active),
@@ -156,6 +157,7 @@ class App:
                 policy, report = await loop.run_in_executor(
                     None, build_in_child, cfg.policy, version, self.state_dir, self.extra_rpz)
             except Exception as exc:  # noqa: BLE001 - keep serving the last good policy
+                self._version -= 1  # versions count policies that served
                 self.reloads["failed"] += 1
                 log.error("policy build %d failed (%s); still serving version %d", version,
                           exc, self.holder.policy.version)

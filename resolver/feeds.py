@@ -149,7 +149,7 @@ class _Sink:
         self.size = 0
         self.head = bytearray()
         self.sha = hashlib.sha256()
-        self.fh = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.fh: Any = None  # opened at the first byte of a body
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -160,10 +160,12 @@ class _Sink:
         if len(self.head) < SAMPLE_BYTES:
             self.head += data[:SAMPLE_BYTES - len(self.head)]
         self.sha.update(data)
+        if self.fh is None:
+            self.fh = open(self.path, "wb")  # noqa: SIM115 - closed in close()
         self.fh.write(data)
 
     def close(self) -> None:
-        if not self.fh.closed:
+        if self.fh is not None and not self.fh.closed:
             self.fh.close()
 
     def discard(self) -> None:
@@ -421,13 +423,10 @@ class FeedManager:
     async def _loop(self, name: str, initial: asyncio.Task[Any] | None) -> None:
         feed = self.feeds[name]
         src = feed.src
-        if initial is not None:  # started before start() returned
+        if initial is not None:  # the first download, started by start(): let it end
             with contextlib.suppress(Exception):
                 await initial
             self._initial.discard(initial)
-            if self.has_copy(name) and feed.streak == 0 and initial.done() and \
-                    not initial.cancelled() and initial.exception() is None:
-                pass  # its on_change (if late) has been called by refresh()
         else:
             # A copy from disk: check when it is due, not at every restart.
             age = self.age(name)
@@ -501,14 +500,17 @@ class FeedManager:
         final_url = src.url
         try:
             try:
-                async with asyncio.timeout(src.timeout):
-                    resp, final_url = await self._get(src.url, headers, sink)
+                deadline = asyncio.get_running_loop().time() + src.timeout
+                async with asyncio.timeout_at(deadline):
+                    resp, final_url = await self._get(src.url, headers, sink, deadline)
             except TimeoutError:
                 raise FeedError("timeout", f"no complete answer within {src.timeout:g}s") \
                     from None
             sink.close()
             now = self.clock()
             if resp.status == 304:
+                if not headers:
+                    raise FeedError("error", "HTTP 304 to a request without validators")
                 meta.update(checked=now)
                 await asyncio.to_thread(_write_json_atomic, meta_path, meta)
                 return FetchOutcome("not_modified", status=304, url=final_url)
@@ -546,10 +548,10 @@ class FeedManager:
 
     # --- HTTP -----------------------------------------------------------------------
 
-    async def _get(self, url: str, headers: dict[str, str],
-                   sink: _Sink) -> tuple[_Response, str]:
+    async def _get(self, url: str, headers: dict[str, str], sink: _Sink,
+                   deadline: float) -> tuple[_Response, str]:
         for _ in range(MAX_REDIRECTS + 1):
-            resp, location = await self._exchange(url, headers, sink)
+            resp, location = await self._exchange(url, headers, sink, deadline)
             if location is None:
                 return resp, url
             new = urljoin(url, location)
@@ -561,8 +563,8 @@ class FeedManager:
             url = new
         raise FeedError("error", f"more than {MAX_REDIRECTS} redirects")
 
-    async def _exchange(self, url: str, headers: dict[str, str],
-                        sink: _Sink) -> tuple[_Response, str | None]:
+    async def _exchange(self, url: str, headers: dict[str, str], sink: _Sink,
+                        deadline: float) -> tuple[_Response, str | None]:
         parts = urlsplit(url)
         tls = parts.scheme == "https"
         host = parts.hostname or ""
@@ -575,7 +577,7 @@ class FeedManager:
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
-        reader, writer = await self._connect(host, port, tls)
+        reader, writer = await self._connect(host, port, tls, deadline)
         try:
             lines = [f"GET {path} HTTP/1.1", f"Host: {_host_header(host, port, tls)}",
                      f"User-Agent: {USER_AGENT}", "Accept: */*", "Accept-Encoding: gzip",
@@ -600,7 +602,7 @@ class FeedManager:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
 
-    async def _connect(self, host: str, port: int, tls: bool
+    async def _connect(self, host: str, port: int, tls: bool, deadline: float
                        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         ctx = self.ssl_context if tls else None
         tried: list[str] = []
@@ -612,7 +614,7 @@ class FeedManager:
                 addresses = [host]
             else:
                 try:
-                    addresses = await self._resolve(host, rdtype)
+                    addresses = await self._resolve(host, rdtype, deadline)
                 except FeedError as exc:
                     dns_errors.append(exc.reason)
                     continue
@@ -631,14 +633,19 @@ class FeedManager:
         raise FeedError("error", f"cannot connect to {host} port {port} "
                         f"({', '.join(tried)}): {last}")
 
-    async def _resolve(self, host: str, rdtype: str) -> list[str]:
-        """Addresses of ``host`` from the configured upstreams (not the system resolver)."""
+    async def _resolve(self, host: str, rdtype: str, deadline: float) -> list[str]:
+        """Addresses of ``host`` from the configured upstreams (not the system resolver).
+
+        The lookup ends a little before the download's deadline, so that a silent
+        upstream is reported as ``dns`` rather than ``timeout``.
+        """
         if not self.upstreams:
             raise FeedError("dns", "no upstreams configured")
+        left = deadline - asyncio.get_running_loop().time()
         resolver = dns.asyncresolver.Resolver(configure=False)
         resolver.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in self.upstreams]
-        resolver.timeout = 2.0
-        resolver.lifetime = 5.0
+        resolver.lifetime = max(0.05, min(5.0, left * 0.8))
+        resolver.timeout = min(2.0, resolver.lifetime)
         resolver.cache = None
         try:
             answer = await resolver.resolve(host, rdtype, search=False,

@@ -159,9 +159,13 @@ class MoatCollector(Collector):
                        label_values=[u.label], family=h)
         yield c
         yield h
-        yield CounterMetricFamily("moat_upstream_ignored_answers",
-                                  "Upstream packets ignored: wrong source, ID or question",
-                                  value=app.upstreams.mismatched + app.upstreams.malformed)
+        c = CounterMetricFamily("moat_upstream_ignored_answers",
+                                "Packets on upstream sockets that were not the answer (wrong "
+                                "source, ID or question, or malformed): a spoofing signal",
+                                labels=["upstream"])
+        for u in app.upstreams.upstreams:
+            c.add_metric([u.label], getattr(u, "ignored", 0))
+        yield c
 
         buckets = list(st.duration_buckets)
         buckets[0] += app.pipeline.fast.quick
@@ -171,14 +175,18 @@ class MoatCollector(Collector):
 
         c = CounterMetricFamily("moat_malformed_queries", "Malformed queries by kind",
                                 labels=["kind"])
-        for kind, n in sorted(list(st.malformed.items())):
+        malformed = Counter(dict.fromkeys(stats_mod.MALFORMED_KINDS, 0))
+        malformed.update(st.malformed)
+        for kind, n in sorted(malformed.items()):
             c.add_metric([kind], n)
         yield c
 
         c = CounterMetricFamily("moat_shed_queries",
                                 "Queries refused or dropped by ACL, rate limit or load limits",
                                 labels=["reason"])
-        for reason, n in sorted(list(st.shed.items())):
+        shed = Counter(dict.fromkeys(stats_mod.SHED_REASONS, 0))
+        shed.update(st.shed)
+        for reason, n in sorted(shed.items()):
             c.add_metric([reason], n)
         tcp = app.tcp_state
         if tcp is not None:
@@ -203,7 +211,9 @@ class MoatCollector(Collector):
         yield g
         c = CounterMetricFamily("moat_policy_reloads", "Policy builds by result",
                                 labels=["result"])
-        for result, n in sorted(app.reloads.items()):
+        reloads = Counter(dict.fromkeys(("ok", "partial", "failed", "config-rejected"), 0))
+        reloads.update(app.reloads)
+        for result, n in sorted(reloads.items()):
             c.add_metric([result], n)
         yield c
         yield GaugeMetricFamily("moat_policy_last_reload_timestamp_seconds",
@@ -271,8 +281,10 @@ def merged_view(snapshots: list[dict[str, Any]], supervisor: Any) -> Any:
                 from .upstream import Upstream
 
                 u = ups[label] = _NS(label=label, results=Counter(), BUCKETS=Upstream.BUCKETS,
-                                     latency_buckets=[0] * len(buckets), latency_sum=0.0)
+                                     latency_buckets=[0] * len(buckets), latency_sum=0.0,
+                                     ignored=0)
             u.results.update(results)
+            u.ignored += snap.get("ignored_by", {}).get(label, 0)
             for i, n in enumerate(buckets):
                 u.latency_buckets[i] += n
             u.latency_sum += total

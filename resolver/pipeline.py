@@ -163,7 +163,7 @@ class Pipeline:
         # 3. ACL
         if not self.acl.allows(host):
             self.stats.shed["acl"] += 1
-            self._reply(req, wire.error_response(query.data, wire.REFUSED, query), "error")
+            self._reply(req, wire.error_response(query.data, wire.REFUSED, query), "shed")
             return
         # 4. rate limit
         if decision is None:
@@ -173,13 +173,13 @@ class Pipeline:
         if decision != ADMIT:
             if decision == SLIP and req.responder.transport == "udp":
                 self.stats.shed["ratelimit-slip"] += 1
-                self._reply(req, wire.truncated_response(query), "error")
+                self._reply(req, wire.truncated_response(query), "shed")
             elif req.responder.transport == "tcp":
                 self.stats.shed["ratelimit-refused"] += 1
-                self._reply(req, wire.error_response(query.data, wire.REFUSED, query), "error")
+                self._reply(req, wire.error_response(query.data, wire.REFUSED, query), "shed")
             else:
                 self.stats.shed["ratelimit-drop"] += 1
-                self._finish(req, None, "error")
+                self._finish(req, None, "shed")
             return
         # 6. query policy
         policy = self.holder.policy
@@ -210,7 +210,7 @@ class Pipeline:
         # 5. shed (only cache misses cost upstream work and memory)
         if self.pending >= self.settings.max_in_flight:
             self.stats.shed["in-flight"] += 1
-            self._reply(req, wire.error_response(query.data, wire.REFUSED, query), "error")
+            self._reply(req, wire.error_response(query.data, wire.REFUSED, query), "shed")
             return
         # 10. forward
         self._forward(req)
@@ -447,7 +447,7 @@ class Pipeline:
         rcode = {"opcode": wire.NOTIMP, "badvers": wire.BADVERS}.get(kind, wire.FORMERR)
         answer = wire.error_response(data, rcode, query if kind != "opt" else None)
         responder.send(answer, addr)
-        self.stats.responses[(rcode & 0x0F, "error")] += 1
+        self.stats.responses[(rcode, "error")] += 1
         self.stats.observe_duration(time.perf_counter() - t0)
 
     def _internal_error(self, req: Request, exc: BaseException) -> None:

@@ -24,6 +24,12 @@ DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
                     0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+#: Label values exported from the start (at 0), so the first event shows in rate().
+MALFORMED_KINDS = ("short", "response", "opcode", "qdcount", "name", "truncated", "opt",
+                   "badvers")
+SHED_REASONS = ("acl", "ratelimit-slip", "ratelimit-drop", "ratelimit-refused", "in-flight")
+
+
 def qtype_label(qtype: int) -> str:
     return QTYPE_LABELS.get(qtype, "other")
 

@@ -43,7 +43,11 @@ class Upstream:
     """One upstream server and what we know of its health."""
 
     __slots__ = ("host", "port", "family", "label", "failures", "down_until", "results",
-                 "latency_sum", "latency_count", "latency_buckets")
+                 "latency_sum", "latency_count", "latency_buckets", "ignored")
+
+    #: Every result an exchange can have (exported from the start, at 0). "truncated" is a
+    #: UDP exchange whose answer had TC=1; the TCP retry that follows counts on its own.
+    RESULTS = ("ok", "timeout", "servfail", "refused", "error", "truncated")
 
     #: Histogram buckets (seconds) for upstream latency.
     BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -56,7 +60,8 @@ class Upstream:
         self.label = f"[{self.host}]:{port}" if ip.version == 6 else f"{self.host}:{port}"
         self.failures = 0
         self.down_until = 0.0
-        self.results: Counter[str] = Counter()  # result -> count (metrics)
+        self.results: Counter[str] = Counter({r: 0 for r in self.RESULTS})  # for metrics
+        self.ignored = 0  # packets on our sockets that were not the answer: spoofing signal
         self.latency_sum = 0.0
         self.latency_count = 0
         self.latency_buckets = [0] * len(self.BUCKETS)
@@ -180,14 +185,17 @@ class UpstreamPool:
                     if addr[0] != upstream.host or addr[1] != upstream.port or len(data) < 12 \
                             or _LEN.unpack_from(data)[0] != qid:
                         self.mismatched += 1
+                        upstream.ignored += 1
                         continue
                     try:
                         msg = wire.parse_message(data)
                     except wire.WireError:
                         self.malformed += 1
+                        upstream.ignored += 1
                         continue
                     if not (msg.flags & wire.QR) or not _same_question(msg, question):
                         self.mismatched += 1
+                        upstream.ignored += 1
                         continue
                     if not fut.done():
                         fut.set_result((data, msg))
@@ -219,10 +227,12 @@ class UpstreamPool:
                     data = await reader.readexactly(length)
                     if len(data) < 12 or _LEN.unpack_from(data)[0] != qid:
                         self.mismatched += 1
+                        upstream.ignored += 1
                         continue
                     msg = wire.parse_message(data)
                     if not (msg.flags & wire.QR) or not _same_question(msg, question):
                         self.mismatched += 1
+                        upstream.ignored += 1
                         continue
                     return data, msg
             finally:
