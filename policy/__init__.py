@@ -8,7 +8,8 @@ precedence rules.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from .rules import Action, Scope, Trigger
 from .verdict import Verdict

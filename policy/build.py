@@ -230,15 +230,14 @@ def build_parts(settings: PolicySettings, version: int, state_dir: str = "",
             if src.path or src.url or src.zone:
                 data, snapshot = _read_source(src, state_dir)
                 parsed = _parse(src, data, snapshot)
-                if state_dir and src.path:
+                if state_dir:
                     _save_last_good(state_dir, src.name, data)
             else:
                 parsed, inline_rules = _inline(src)
         except (SourceError, ValueError, UnicodeError) as exc:
             rep.error = str(exc)
             rep.status = "failed"
-            last = state_paths(state_dir, src.name)["last_good"] if state_dir and src.path \
-                else None
+            last = state_paths(state_dir, src.name)["last_good"] if state_dir else None
             if last is not None and last.exists():
                 try:
                     data = last.read_bytes()

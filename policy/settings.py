@@ -42,6 +42,14 @@ def _word(value: object) -> str:
     return word
 
 
+def _source_name(value: object) -> str:
+    """Names become file names in the state directory: letters, digits, '.', '_', '-'."""
+    word = _word(value)
+    if word.startswith(".") or not all(c.isalnum() or c in "._-" for c in word):
+        raise ValueError(f"{value!r}: use letters, digits, '.', '_' and '-' only")
+    return word
+
+
 @dataclass(frozen=True, slots=True)
 class TsigKey:
     name: str
@@ -53,7 +61,7 @@ class TsigKey:
 class SourceSettings:
     """One policy source: a file, a URL, or a zone pulled from a primary by AXFR/IXFR."""
 
-    name: str = field(default="", metadata={"convert": _word, "required": True,
+    name: str = field(default="", metadata={"convert": _source_name, "required": True,
                                             "doc": "a short name, used in logs and metric labels"})
     category: str = field(default="malware", metadata={
         "convert": lambda v: _word(v).lower(),

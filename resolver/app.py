@@ -31,6 +31,7 @@ from . import config as config_mod
 from .acl import AccessList
 from .cache import AnswerCache
 from .config import Config, ConfigError
+from .feeds import FeedManager
 from .metrics import MetricsServer, MoatCollector
 from .pipeline import Pipeline, PipelineSettings, PolicyHolder
 from .querylog import QueryLog
@@ -39,6 +40,7 @@ from .rebinding import RebindingGuard
 from .server import TcpConnection, TcpLimits, TcpState, UdpListener, tcp_socket, udp_socket
 from .stats import Stats
 from .upstream import UpstreamPool, UpstreamSettings
+from .xfr import ZoneTransfers
 
 log = logging.getLogger("moat")
 
@@ -96,6 +98,10 @@ class App:
         self._stop = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self._extra_collectors: list[Any] = []
+        self.feeds: FeedManager | None = None
+        self.zones: ZoneTransfers | None = None
+        self._changed_sources: set[str] = set()
+        self._rebuild_pending = False
 
     @staticmethod
     def _upstream_settings(cfg: Config) -> UpstreamSettings:
@@ -177,11 +183,54 @@ class App:
     def _drop_privileges(self) -> None:
         drop_privileges(self.config.server.user, self.state_dir)
 
+    # --- sources that come over the network (feeds by URL, zones by AXFR/IXFR) --------
+
+    #: At the very first start, how long to wait for sources with no copy on disk yet.
+    INITIAL_FETCH_TIMEOUT = 20.0
+
+    async def _start_sources(self) -> None:
+        sources = all_sources(self.config.policy, self.extra_rpz)
+        upstreams = [(u.host, u.port) for u in self.upstreams.upstreams]
+        starts = []
+        if any(s.url for s in sources):
+            self.feeds = FeedManager(sources, self.state_dir, upstreams, self._source_changed)
+            self._extra_collectors.append(self.feeds.collect)
+            starts.append(self.feeds.start(self.INITIAL_FETCH_TIMEOUT))
+        if any(s.zone and s.primary for s in sources):
+            self.zones = ZoneTransfers(sources, self.state_dir, self._source_changed)
+            self._extra_collectors.append(self.zones.collect)
+            self.pipeline.notify_handler = self.zones.handle_notify
+            starts.append(self.zones.start(self.INITIAL_FETCH_TIMEOUT))
+        if starts:
+            await asyncio.gather(*starts)
+
+    async def _source_changed(self, name: str) -> None:
+        """A new copy of a feed or zone: rebuild; changes within 0.5 s share one rebuild."""
+        self._changed_sources.add(name)
+        if self._rebuild_pending:
+            return
+        self._rebuild_pending = True
+        try:
+            await asyncio.sleep(0.5)
+        finally:
+            self._rebuild_pending = False
+        names = ", ".join(sorted(self._changed_sources))
+        self._changed_sources.clear()
+        await self.reload_policy(f"new copy of {names}")
+
+    async def _stop_sources(self) -> None:
+        if self.feeds is not None:
+            await self.feeds.stop()
+        if self.zones is not None:
+            self.pipeline.notify_handler = None
+            await self.zones.stop()
+
     # --- start, run, stop -------------------------------------------------------------
 
     async def start(self) -> None:
         """Policy first, then listeners, then drop privileges, then metrics and log."""
         if self.role == "single":
+            await self._start_sources()
             await self.reload_policy("start")
         await self._open_listeners()
         if self.config.metrics.listen and self.role == "single":
@@ -289,6 +338,10 @@ class App:
         p = self.pipeline
         if new.upstream != old.upstream:
             self.upstreams = p.upstreams = UpstreamPool(self._upstream_settings(new))
+            if self.feeds is not None:
+                self.feeds.set_upstreams([(u.host, u.port) for u in self.upstreams.upstreams])
+        if self.feeds is not None and new.policy.sources != old.policy.sources:
+            self._spawn(self.feeds.reconfigure(all_sources(new.policy, self.extra_rpz)))
         if new.cache != old.cache:
             if new.cache.size != old.cache.size:
                 self.cache = p.cache = AnswerCache(new.cache)
@@ -330,6 +383,7 @@ class App:
         for server in self.tcp_servers:
             server.close()
         await self.pipeline.drain(self.config.server.shutdown_grace)
+        await self._stop_sources()
         if self.tcp_state is not None:
             for conn in list(self.tcp_state.connections):
                 conn.close()

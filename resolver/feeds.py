@@ -86,7 +86,6 @@ from urllib.parse import urljoin, urlsplit
 import dns.asyncresolver
 import dns.exception
 import dns.nameserver
-import dns.rdatatype
 import dns.resolver
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -160,9 +159,12 @@ class _Sink:
         if len(self.head) < SAMPLE_BYTES:
             self.head += data[:SAMPLE_BYTES - len(self.head)]
         self.sha.update(data)
-        if self.fh is None:
-            self.fh = open(self.path, "wb")  # noqa: SIM115 - closed in close()
-        self.fh.write(data)
+        try:
+            if self.fh is None:
+                self.fh = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+            self.fh.write(data)
+        except OSError as exc:  # disk full, read-only state directory
+            raise FeedError("error", f"local file {self.path}: {exc}") from None
 
     def close(self) -> None:
         if self.fh is not None and not self.fh.closed:
@@ -368,7 +370,10 @@ class FeedManager:
         ``on_change`` is not called for downloads finished before this returns (the
         caller builds its first policy afterwards); later ones call it.
         """
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # every download will fail and say so; moat still starts
+            log.error("cannot create %s: %s", self.dir, exc)
         self._stopping = False
         missing = [f for f in self.feeds.values() if not self.has_copy(f.src.name)]
         first = {f.src.name: asyncio.create_task(self.refresh(f.src.name),
@@ -385,8 +390,8 @@ class FeedManager:
                                 "keeps trying", name, initial_timeout)
         self._started = True
         for name, feed in self.feeds.items():
-            task = first.get(name)
-            feed.task = asyncio.create_task(self._loop(name, task), name=f"feed-{name}")
+            feed.task = asyncio.create_task(self._loop(name, first.get(name)),
+                                            name=f"feed-{name}")
 
     async def stop(self) -> None:
         """Cancel every download and timer and wait for them."""
@@ -428,12 +433,14 @@ class FeedManager:
                 await initial
             self._initial.discard(initial)
         else:
-            # A copy from disk: check when it is due, not at every restart.
+            # A copy from disk: check when it is due, not at every restart (at once if
+            # the config now names another URL).
             age = self.age(name)
-            due = 0.0 if math.isinf(age) else max(0.0, src.refresh - age)
+            same_url = _read_meta(self.meta_path(name)).get("url") == src.url
+            due = 0.0 if math.isinf(age) or not same_url else max(0.0, src.refresh - age)
             await asyncio.sleep(due + random.uniform(0, min(5.0, src.refresh * JITTER)))
             await self.refresh(name)
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._next_delay(feed))
             await self.refresh(name)
 
@@ -451,7 +458,11 @@ class FeedManager:
         """Check one feed now; count, log, install a new copy, call ``on_change``."""
         feed = self.feeds[name]
         async with feed.lock:  # never two downloads of one feed at once
-            outcome = await self._fetch(feed.src)
+            try:
+                outcome = await self._fetch(feed.src)
+            except Exception as exc:  # noqa: BLE001 - a bug must not end the refresh timer
+                log.exception("feed %s: internal error", name)
+                outcome = FetchOutcome("error", reason=f"internal error: {exc!r}")
         feed.counts[outcome.result] += 1
         src = feed.src
         if outcome.result in ("ok", "not_modified"):
@@ -486,7 +497,6 @@ class FeedManager:
 
     async def _fetch(self, src: SourceSettings) -> FetchOutcome:
         name = src.name
-        self.dir.mkdir(parents=True, exist_ok=True)
         meta_path = self.meta_path(name)
         meta = _read_meta(meta_path)
         headers: dict[str, str] = {}
@@ -499,6 +509,7 @@ class FeedManager:
         sink = _Sink(tmp, src.max_bytes)
         final_url = src.url
         try:
+            self.dir.mkdir(parents=True, exist_ok=True)
             try:
                 deadline = asyncio.get_running_loop().time() + src.timeout
                 async with asyncio.timeout_at(deadline):
@@ -506,6 +517,8 @@ class FeedManager:
             except TimeoutError:
                 raise FeedError("timeout", f"no complete answer within {src.timeout:g}s") \
                     from None
+            except OSError as exc:  # local file errors are FeedErrors already: the network
+                raise FeedError("error", f"connection: {type(exc).__name__}: {exc}") from None
             sink.close()
             now = self.clock()
             if resp.status == 304:
@@ -539,7 +552,7 @@ class FeedManager:
         except FeedError as exc:
             sink.discard()
             return FetchOutcome(exc.result, reason=exc.reason, url=final_url)
-        except OSError as exc:  # writing the copy
+        except OSError as exc:  # the state directory, installing the copy
             sink.discard()
             return FetchOutcome("error", reason=f"local file: {exc}", url=final_url)
         except BaseException:
@@ -600,7 +613,8 @@ class FeedManager:
         finally:
             writer.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await writer.wait_closed()
 
     async def _connect(self, host: str, port: int, tls: bool, deadline: float
                        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -617,6 +631,9 @@ class FeedManager:
                     addresses = await self._resolve(host, rdtype, deadline)
                 except FeedError as exc:
                     dns_errors.append(exc.reason)
+                    if rdtype == "A" and not exc.reason.endswith("no address"):
+                        # NXDOMAIN, or no upstream answered: AAAA would fare no better.
+                        raise FeedError("dns", f"{host}: {exc.reason}") from None
                     continue
             for ip in addresses:
                 tried.append(ip)
@@ -658,9 +675,8 @@ class FeedManager:
             raise FeedError("dns", f"{rdtype}: upstreams timed out") from None
         except dns.exception.DNSException as exc:
             raise FeedError("dns", f"{rdtype}: {exc}") from None
-        want = dns.rdatatype.from_text(rdtype)
-        out = [rd.address for rrset in answer.response.answer if rrset.rdtype == want
-               for rd in rrset]
+        # answer.rrset: the final RRset, after any CNAME chain (dnspython checked it).
+        out = [rd.address for rd in answer.rrset] if answer.rrset is not None else []
         if not out:
             raise FeedError("dns", f"{rdtype}: no address")
         return out
@@ -707,11 +723,12 @@ class FeedManager:
     @staticmethod
     async def _read_body(reader: asyncio.StreamReader, resp: _Response, sink: _Sink) -> None:
         encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+        gz: _Gunzip | None = None
+        write: Callable[[bytes], None]
         if encoding in ("gzip", "x-gzip"):
-            gz: _Gunzip | None = _Gunzip(sink)
+            gz = _Gunzip(sink)
             write = gz.write
         elif encoding in ("", "identity"):
-            gz = None
             write = sink.write
         else:
             raise FeedError("error", f"unsupported Content-Encoding {encoding!r}")

@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
-from policy.build import BuildReport, build_in_child
+from policy.build import BuildReport, all_sources, build_in_child
 
 from . import config as config_mod
 from .config import Config, ConfigError
@@ -42,6 +42,7 @@ from .config import Config, ConfigError
 log = logging.getLogger("moat.workers")
 _LEN = struct.Struct("!I")
 SNAPSHOT_INTERVAL = 1.0
+INITIAL_FETCH_TIMEOUT = 20.0
 
 
 def _send(sock: socket.socket, message: Any) -> None:
@@ -86,6 +87,8 @@ class Supervisor:
         self._reload_lock: asyncio.Lock | None = None
         self._stop: asyncio.Event | None = None
         self.metrics_server: Any = None
+        self.feeds: Any = None
+        self.zones: Any = None
 
     # --- what the metrics view needs -------------------------------------------------
 
@@ -100,6 +103,9 @@ class Supervisor:
         g = GaugeMetricFamily("moat_workers", "Worker processes serving queries")
         g.add_metric([], sum(1 for w in self.workers if w.pid))
         yield g
+        for manager in (self.feeds, self.zones):
+            if manager is not None:
+                yield from manager.collect()
 
     # --- policy --------------------------------------------------------------------
 
@@ -151,18 +157,6 @@ class Supervisor:
         w.policy_version = 0
 
     def run(self) -> int:
-        cfg = self.config
-        n = cfg.server.workers
-        report = self.build()
-        if report is None:
-            log.error("no policy: not starting")
-            return 1
-        from .app import bind_sockets
-
-        for i in range(n):
-            self.workers.append(Worker(i + 1, bind_sockets(cfg.server, reuse_port=True)))
-        for w in self.workers:
-            self._fork_worker(w)
         from .cli import _new_loop
 
         loop = _new_loop()
@@ -172,10 +166,43 @@ class Supervisor:
         finally:
             loop.close()
 
+    async def _start_sources(self) -> None:
+        """Feeds by URL and zones by transfer live here, in the supervisor."""
+        from .feeds import FeedManager
+        from .upstream import Upstream
+        from .xfr import ZoneTransfers
+
+        sources = all_sources(self.config.policy, self.extra_rpz)
+        upstreams = [(Upstream(h, p).host, p) for h, p in self.config.upstream.servers]
+        starts = []
+        if any(s.url for s in sources):
+            self.feeds = FeedManager(sources, self.state_dir, upstreams, self._source_changed)
+            starts.append(self.feeds.start(INITIAL_FETCH_TIMEOUT))
+        if any(s.zone and s.primary for s in sources):
+            self.zones = ZoneTransfers(sources, self.state_dir, self._source_changed)
+            starts.append(self.zones.start(INITIAL_FETCH_TIMEOUT))
+        if starts:
+            await asyncio.gather(*starts)
+
+    async def _source_changed(self, name: str) -> None:
+        log.info("new copy of %s", name)
+        await self.reload(reread_config=False)
+
     async def _supervise(self) -> int:
         loop = asyncio.get_running_loop()
         self._reload_lock = asyncio.Lock()
         self._stop = asyncio.Event()
+        await self._start_sources()
+        report = await loop.run_in_executor(None, self.build)
+        if report is None:
+            log.error("no policy: not starting")
+            return 1
+        from .app import bind_sockets
+
+        for i in range(self.config.server.workers):
+            self.workers.append(Worker(i + 1, bind_sockets(self.config.server, reuse_port=True)))
+        for w in self.workers:
+            self._fork_worker(w)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
@@ -217,6 +244,8 @@ class Supervisor:
                 kind, *rest = await _recv(reader)
                 if kind == "stats":
                     w.snapshot = rest[0]
+                elif kind == "notify" and self.zones is not None:
+                    self.zones.request_refresh(rest[0])  # a worker got NOTIFY for it
                 elif kind == "ready" or kind == "ack":
                     w.policy_version = rest[0]
                     self._maybe_retire()
@@ -231,10 +260,10 @@ class Supervisor:
                 os.unlink(old)
             self._retired = ""
 
-    async def reload(self) -> None:
+    async def reload(self, reread_config: bool = True) -> None:
         assert self._reload_lock is not None
         async with self._reload_lock:
-            if self.config.path:
+            if reread_config and self.config.path:
                 try:
                     new = config_mod.load(self.config.path, self.overrides)
                     self.config = replace(new, server=self.config.server,
@@ -294,6 +323,10 @@ class Supervisor:
 
     async def _shutdown(self) -> int:
         self.stopping = True
+        if self.feeds is not None:
+            await self.feeds.stop()
+        if self.zones is not None:
+            await self.zones.stop()
         log.info("stopping %d workers", len(self.workers))
         for w in self.workers:
             if w.pid:
@@ -348,6 +381,16 @@ def _worker_main(sup: Supervisor, w: Worker, channel: socket.socket) -> int:
     asyncio.set_event_loop(loop)
     app = App(cfg, extra_rpz=sup.extra_rpz, role="worker", sockets=w.sockets)
     app.adopt_policy(sup.policy_path, sup.version)
+    if any(s.zone and s.primary for s in all_sources(cfg.policy, sup.extra_rpz)):
+        # NOTIFY reaches the workers' sockets: check and answer it here, transfer there.
+        from .xfr import ZoneTransfers
+
+        async def unused(name: str) -> None:
+            return None
+
+        checker = ZoneTransfers(all_sources(cfg.policy, sup.extra_rpz), app.state_dir, unused,
+                                on_notify=lambda name: _send(channel, ("notify", name)))
+        app.pipeline.notify_handler = checker.handle_notify
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -167,8 +167,7 @@ def _make_key(src: SourceSettings) -> dns.tsig.Key | None:
 
 
 def _soa(zone: dns.zone.Zone) -> Any:
-    rdataset = zone.get_rdataset(zone.origin if not zone.relativize else dns.name.empty,
-                                 dns.rdatatype.SOA)
+    rdataset = zone.get_rdataset(dns.name.empty, dns.rdatatype.SOA)  # relativized zones
     return rdataset[0] if rdataset else None
 
 
@@ -205,8 +204,13 @@ class ZoneTransfers:
 
     def __init__(self, sources: Sequence[SourceSettings], state_dir: str,
                  on_change: Callable[[str], Awaitable[Any]],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 on_notify: Callable[[str], None] | None = None) -> None:
+        """``on_notify(name)``: also called (synchronously) for every accepted NOTIFY.
+        A worker process that only answers NOTIFY (never started) uses it to pass the
+        news to the process that runs the transfers (``request_refresh(name)`` there)."""
         self.state_dir = state_dir
+        self.on_notify = on_notify
         self.dir = Path(state_dir) / "zones"
         self.on_change = on_change
         self.clock = clock
@@ -242,7 +246,10 @@ class ZoneTransfers:
         Zones with a copy never delay this. ``on_change`` is not called for transfers
         finished before this returns (the caller builds its first policy afterwards).
         """
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # every transfer will fail and say so; moat still starts
+            log.error("cannot create %s: %s", self.dir, exc)
         self._stopping = False
         first = {name: asyncio.create_task(self.refresh(name), name=f"xfr-initial-{name}")
                  for name in self.zones if not self.zone_path(name).is_file()}
@@ -287,7 +294,7 @@ class ZoneTransfers:
         # Otherwise next_due is 0: an IXFR from the copy on disk at once (usually
         # "up to date").
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._stopping:
             now = loop.time()
             if z.wake.is_set():  # a NOTIFY: at once, but not more often than the holdoff
                 wait = z.last_start + NOTIFY_HOLDOFF - now
@@ -300,8 +307,11 @@ class ZoneTransfers:
                 # Sleep until due; a NOTIFY or a check made elsewhere (which moves the
                 # timer) sets `rearm` and the timer is computed again.
                 z.rearm.clear()
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel
+                # that arrives as the event fires, and stop() would then wait forever.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(z.rearm.wait(), z.next_due - now)
+                    async with asyncio.timeout(z.next_due - now):
+                        await z.rearm.wait()
 
     @staticmethod
     def _next_delay(z: _Source) -> float:
@@ -323,7 +333,13 @@ class ZoneTransfers:
         async with z.lock:
             z.wake.clear()  # a NOTIFY from now on asks for another check
             z.last_start = loop.time()
-            outcome = await loop.run_in_executor(None, self._transfer, z)
+            try:
+                outcome = await loop.run_in_executor(None, self._transfer, z)
+            except Exception as exc:  # noqa: BLE001 - a bug must not end the timers
+                log.exception("zone source %s: internal error", name)
+                outcome = XfrOutcome("axfr" if z.serial is None else "ixfr", "error",
+                                     reason=f"internal error: {exc!r}", serial=z.serial)
+                outcome.attempts.append((outcome.kind, "error"))
         for attempt in outcome.attempts:
             z.counts[attempt] += 1
         if outcome.result not in ("ok", "uptodate"):
@@ -543,10 +559,16 @@ class ZoneTransfers:
         log.info("NOTIFY for %s from %s: checking for a new serial", qname, host)
         z.wake.set()
         z.rearm.set()
+        if self.on_notify is not None:
+            try:
+                self.on_notify(z.src.name)
+            except Exception as exc:  # noqa: BLE001 - the answer goes out regardless
+                log.error("NOTIFY for %s: passing it on failed: %s", qname, exc)
         return self._answer(msg, dns.rcode.NOERROR, aa=True)
 
     @staticmethod
-    def _answer(msg: dns.message.Message, rcode: int, aa: bool = False) -> bytes | None:
+    def _answer(msg: dns.message.Message, rcode: dns.rcode.Rcode,
+                aa: bool = False) -> bytes | None:
         try:
             resp = dns.message.make_response(msg)
             resp.set_rcode(rcode)
