@@ -379,10 +379,12 @@ class App:
     async def shutdown(self) -> None:
         log.info("shutting down: no new queries, finishing the ones in flight")
         for listener in self.udp:
-            listener.close()
+            listener.stop_accepting()
         for server in self.tcp_servers:
             server.close()
         await self.pipeline.drain(self.config.server.shutdown_grace)
+        for listener in self.udp:
+            listener.close()
         await self._stop_sources()
         if self.tcp_state is not None:
             for conn in list(self.tcp_state.connections):

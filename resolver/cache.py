@@ -85,9 +85,11 @@ class CacheEntry:
         return self._patched
 
     def body_stale(self, stale_ttl: int) -> bytes:
+        """Every TTL set to ``stale_ttl`` (RFC 8767 recommends 30 s: clients come back
+        soon, but not every second during an outage)."""
         buf = bytearray(self.body)
-        for off, ttl in zip(self.ttl_offsets, self.ttls, strict=True):
-            _TTL.pack_into(buf, off, min(ttl, stale_ttl))
+        for off in self.ttl_offsets:
+            _TTL.pack_into(buf, off, stale_ttl)
         return bytes(buf)
 
 

@@ -331,9 +331,11 @@ class Pipeline:
         try:
             result = fut.result()
             policy = self.holder.policy
-            if result is None:
-                self._upstreams_failed(req, policy)
-                return
+            if result is None or result[1].rcode in (wire.SERVFAIL, wire.REFUSED):
+                # Nobody answered, or every upstream said SERVFAIL/REFUSED (e.g. the
+                # authorities are down): a stale answer beats an error (RFC 8767).
+                if self._upstreams_failed(req, policy, result):
+                    return
             data, msg, entry = result
             now = time.monotonic()
             if entry is not None:
@@ -351,8 +353,10 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001
             self._internal_error(req, exc)
 
-    def _upstreams_failed(self, req: Request, policy: PolicyView) -> None:
-        """Every upstream failed: serve stale (RFC 8767) if we can, else SERVFAIL."""
+    def _upstreams_failed(self, req: Request, policy: PolicyView, result: Any) -> bool:
+        """Upstreams failed: serve stale (RFC 8767) if we can. Without a stale entry:
+        SERVFAIL when nobody answered (True), or False to pass the upstream's own
+        SERVFAIL/REFUSED answer on."""
         query = req.query
         entry = self.cache.get(query.key)
         now = time.monotonic()
@@ -361,8 +365,11 @@ class Pipeline:
             body = entry.body_stale(self.cache.settings.stale_ttl)
             ede = wire.ede_option(wire.EDE_STALE, "moat: upstreams failed, stale answer")
             self._answer_with(req, entry, body, "stale", policy, ede)
-            return
+            return True
+        if result is not None:
+            return False
         self._reply(req, wire.error_response(query.data, wire.SERVFAIL, query), "error")
+        return True
 
     # --- walled gardens: Local-Data CNAME, target resolved without policy ------------
 

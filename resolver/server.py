@@ -53,6 +53,11 @@ class UdpListener(asyncio.DatagramProtocol):
         if not self.fast(data, addr, self):
             self.pipeline.handle(data, addr, self)
 
+    def stop_accepting(self) -> None:
+        """Shutdown, first step: ignore new queries, keep the socket to answer the ones
+        in flight; close() comes after the drain."""
+        self.fast = lambda data, addr, listener: True
+
     def send(self, data: bytes, addr: Any) -> None:
         t = self._t
         if t is not None and not t.is_closing():

@@ -192,7 +192,9 @@ def parse_query(data: bytes) -> Query:
     if arcount and not ancount and not nscount and qend + 11 <= n and data[qend] == 0 \
             and data[qend + 1] == 0 and data[qend + 2] == TYPE_OPT:
         # The usual case: the OPT record directly after the question.
-        _read_opt(q, data, qend, arcount)
+        end = _read_opt(q, data, qend, arcount)
+        if arcount > 1:  # more additional records: none of them may be a second OPT
+            _find_opt(q, data, end, 0, 0, arcount - 1)
     elif arcount or ancount or nscount:
         _find_opt(q, data, qend, ancount, nscount, arcount)
     q.key = lowered + (b"\x01" if q.do else b"\x00") if not (flags & CD) else \
