@@ -24,7 +24,6 @@ covers the needed scope is the one with the highest precedence.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -60,6 +59,18 @@ def unpack(meta: int, depth: int, matched: str) -> Hit:
                (meta >> FAMILY_SHIFT) & 0xFFF, meta >> LINE_SHIFT, matched)
 
 
+def _label_range(names: list[str]) -> tuple[int, int]:
+    """(fewest, most) labels among ``names``, counted with numpy over the joined text."""
+    text = np.frombuffer("\n".join(names).encode("ascii", "replace"), dtype=np.uint8)
+    marks = np.flatnonzero((text == 46) | (text == 10))  # '.' and '\n'
+    newlines = np.flatnonzero(text[marks] == 10)
+    # dots in line i = marks between newline i-1 and newline i
+    ends = np.append(newlines, len(marks))
+    starts = np.concatenate(([0], newlines + 1))
+    dots = ends - starts
+    return int(dots.min()) + 1, int(dots.max()) + 1
+
+
 class IndexBuilder:
     """Collects columns of every source, then sorts them into the three arrays."""
 
@@ -75,10 +86,9 @@ class IndexBuilder:
         n = len(names)
         if n == 0:
             return
-        dots = np.fromiter(map(str.count, names, itertools.repeat(".", n)), dtype=np.int32,
-                           count=n)
-        self._min_labels = min(self._min_labels, int(dots.min()) + 1)
-        self._max_labels = max(self._max_labels, int(dots.max()) + 1)
+        fewest, most = _label_range(names)
+        self._min_labels = min(self._min_labels, fewest)
+        self._max_labels = max(self._max_labels, most)
         keys = np.fromiter(map(hash, names), dtype=np.int64, count=n).view(np.uint64)
         fam = families if families is not None else np.zeros(n, dtype=np.uint16)
         meta = pack_meta(np.full(n, source, dtype=np.uint8),
@@ -102,13 +112,21 @@ class IndexBuilder:
             meta = np.zeros(0, dtype=np.uint64)
         self._keys, self._meta = [], []
         if len(keys):
+            # Sort by key, then source (precedence), then scope, then line (first wins).
+            # A quicksort on the key alone, then the few runs of equal keys put in order.
+            order = np.argsort(keys, kind="quicksort")
+            keys, meta = keys[order], meta[order]
+            same = keys[1:] == keys[:-1]
+            if same.any():
+                run = np.flatnonzero(np.concatenate(([False], same)) |
+                                     np.concatenate((same, [False])))
+                m = meta[run]
+                sub = np.lexsort((m >> np.uint64(LINE_SHIFT),
+                                  (m >> np.uint64(SCOPE_SHIFT)) & np.uint64(3),
+                                  m & np.uint64(0xFF), keys[run]))
+                meta[run] = m[sub]
             source = meta & np.uint64(0xFF)
             scope = (meta >> np.uint64(SCOPE_SHIFT)) & np.uint64(3)
-            line = meta >> np.uint64(LINE_SHIFT)
-            # Sort by key, then source (precedence), then scope, then line (first wins).
-            order = np.lexsort((line, scope, source, keys))
-            keys, meta = keys[order], meta[order]
-            source, scope = source[order], scope[order]
             keep = np.ones(len(keys), dtype=bool)
             keep[1:] = (keys[1:] != keys[:-1]) | (source[1:] != source[:-1]) | \
                 (scope[1:] != scope[:-1])

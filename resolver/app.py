@@ -172,9 +172,8 @@ class App:
             self.policy_loaded = True
             self.last_reload = time.time()
             self.last_report = report
-            counts = policy.rules_by_source()
-            self.policy_rule_counts = [(s.name, s.category, counts.get(s.name, 0))
-                                       for s in policy.sources]
+            # Counted by the build process (no big temporary arrays in the server).
+            self.policy_rule_counts = [(s.name, s.category, s.rules) for s in report.sources]
             result = "ok" if report.ok else "partial"
             self.reloads[result] += 1
             log_report(report, reason, time.perf_counter() - t0)

@@ -128,9 +128,7 @@ class Supervisor:
         # Keep the index file's name until every worker maps the new one (and for
         # workers restarted later).
         self.policy_path = policy.index_file
-        counts = policy.rules_by_source()
-        self.policy_rule_counts = [(s.name, s.category, counts.get(s.name, 0))
-                                   for s in policy.sources]
+        self.policy_rule_counts = [(s.name, s.category, s.rules) for s in report.sources]
         self.reloads["ok" if report.ok else "partial"] += 1
         self.last_reload = time.time()
         self._retired = old
