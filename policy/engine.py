@@ -39,7 +39,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .index import ACTION_SHIFT, FAMILY_SHIFT, LINE_SHIFT, SCOPE_SHIFT, NameIndex
-from .rules import Action, ConditionalRule, IpRule, LocalRecord, PatternRule, Trigger
+from .rules import (
+    ACTIONS,
+    Action,
+    ConditionalRule,
+    IpRule,
+    LocalRecord,
+    PatternRule,
+    Trigger,
+)
 from .verdict import Verdict
 
 
@@ -403,7 +411,7 @@ class Policy:
         local: tuple[LocalRecord, ...] = ()
         if kind == "name":
             _, meta, depth, matched, rule_name = args
-            rule_action = Action((meta >> ACTION_SHIFT) & 0xF)
+            rule_action = ACTIONS[(meta >> ACTION_SHIFT) & 0xF]
             fam = (meta >> FAMILY_SHIFT) & 0xFFF
             if fam:
                 family = self.families[fam]

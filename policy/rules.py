@@ -36,12 +36,16 @@ class Action(enum.IntEnum):
     @property
     def label(self) -> str:
         """The word used in logs, metrics and config (``tcp-only``, ``local-data``...)."""
-        return self.name.lower().replace("_", "-")
+        return _ACTION_LABELS[self]
 
     @classmethod
     def from_label(cls, word: str) -> Action:
         return cls[word.strip().upper().replace("-", "_")]
 
+
+_ACTION_LABELS = {a: a.name.lower().replace("_", "-") for a in Action}
+#: Action by number, without the cost of calling the enum (the index stores numbers).
+ACTIONS = tuple(Action(i) for i in range(len(Action)))
 
 #: Actions an operator may set as a source's override (``action = "..."`` in config).
 OVERRIDE_ACTIONS = ("given", "sinkhole", "nxdomain", "nodata", "drop", "passthru",

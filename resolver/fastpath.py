@@ -8,7 +8,13 @@ pipeline filled and keeps current:
 * ``memo``: the query-policy verdict per question (the pipeline's own memo, cleared when
   the policy changes);
 * a cache entry whose answer-policy verdict for the current policy version is "allowed";
-* ``synth``: the synthesised policy answer per question and query shape.
+* ``templates``: a synthesised NXDOMAIN/NODATA/SINKHOLE answer per source, family,
+  action, qtype and query shape (such answers depend on the name only through the
+  question section, so one template serves every name of a list).
+
+A question not seen under the current policy is checked here too (the verdict goes into
+the pipeline's memo), so the first query for each of a million listed names costs a
+policy lookup and a template splice, not a trip through the pipeline.
 
 Everything else goes back to the pipeline (``answer`` returns False): first queries,
 misses, malformed or unusual packets (opcode, counts, EDNS version, odd OPT placement),
@@ -41,6 +47,7 @@ from policy.rules import Action
 
 from . import wire
 from .cache import _OPT, _OPT_DO
+from .pipeline_memo import MEMO_LIMIT, evict_oldest
 from .ratelimit import ADMIT
 
 _TAIL = struct.Struct("!HHHHH")  # flags, qd, an, ns, ar
@@ -48,8 +55,23 @@ _PLAIN_QUERY = b"\x00\x01\x00\x00\x00\x00\x00\x00"
 _EDNS_QUERY = b"\x00\x01\x00\x00\x00\x00\x00\x01"
 _KEY_SUFFIX = (b"\x00", b"\x01", b"\x02", b"\x03")  # DO | CD << 1, as in wire.parse_query
 _FIRST_BUCKET = 0.0001  # stats.DURATION_BUCKETS[0]
-_SYNTH_OK = (Action.NXDOMAIN, Action.NODATA, Action.SINKHOLE, Action.LOCAL_DATA)
+_SYNTH_OK = (Action.NXDOMAIN, Action.NODATA, Action.SINKHOLE)
 _MEMO_LIMIT = 50000
+
+
+def _well_formed(data: bytes, zero: int) -> bool:
+    """The question name at offset 12 is plain labels (<= 63 octets, no compression)
+    ending exactly at ``zero``, at most 255 octets: what wire.parse_query accepts. Needed
+    before this module trusts bytes that no earlier parse has vouched for."""
+    if zero - 12 + 1 > 255:
+        return False
+    i = 12
+    while i < zero:
+        length = data[i]
+        if length > 63 or length == 0:
+            return False
+        i += length + 1
+    return i == zero
 
 
 class FastPath:
@@ -60,8 +82,10 @@ class FastPath:
         self.memo: dict[bytes, Any] = pipeline._memo
         self.version = -1
         self.index: dict[bytes, Any] = pipeline.cache.index
-        #: question key + query shape -> (answer, verdict, stats key)
-        self.synth: dict[bytes, tuple[bytes, Any, tuple[str, str, str, str]]] = {}
+        #: (source, family, action, qtype, flags, edns, do) -> the synthesised answer's
+        #: header after the ID and everything after the question: NXDOMAIN, NODATA and
+        #: SINKHOLE answers depend on the name only through the question section.
+        self.templates: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
         #: qtype * 16 + rcode -> answers from the cache
         self.counts: collections.defaultdict[int, int] = collections.defaultdict(int)
         #: answers that took less than the first histogram bucket, and their total time
@@ -72,7 +96,7 @@ class FastPath:
 
     def policy_changed(self, version: int) -> None:
         self.version = version
-        self.synth.clear()
+        self.templates.clear()
 
     def parts_changed(self) -> None:
         """The ACL, rate limiter or cache were replaced (config reload)."""
@@ -84,22 +108,14 @@ class FastPath:
             self.hosts.clear()
         self.hosts[host] = not rate_limited
 
-    @staticmethod
-    def shape(data: bytes, edns: bool) -> bytes:
-        """What besides the question decides a synthesised answer: flags, EDNS (DO is in
-        the key)."""
-        return data[2:4] + (b"E" if edns else b"-")
-
     def remember_synth(self, query: wire.Query, answer: bytes, verdict: Any) -> None:
         """Called by the pipeline after it synthesised a query-time policy answer."""
         if verdict.action not in _SYNTH_OK or len(answer) > 512 or \
-                verdict.policy_version != self.version:
+                verdict.policy_version != self.version or len(self.templates) > _MEMO_LIMIT:
             return
-        if len(self.synth) >= _MEMO_LIMIT:
-            self.synth.clear()
-        self.synth[query.key + self.shape(query.data, query.edns)] = (
-            answer, verdict,
-            (verdict.category, verdict.family, verdict.action.label, verdict.source))
+        key = (verdict.source_index, verdict.family, verdict.action, query.qtype,
+               query.data[2:4], query.edns, query.do)
+        self.templates[key] = (answer[2:12], answer[query.qend:])
 
     # --- the fast path --------------------------------------------------------------
 
@@ -125,6 +141,13 @@ class FastPath:
             if qend < 17 or data[qend:qend + 3] != b"\x00\x00\x29" or qend + 11 > n or \
                     data[qend + 6] or qend + 11 + (data[qend + 9] << 8 | data[qend + 10]) != n:
                 return False
+            i = qend + 11
+            while i < n:  # options (dig sends a cookie): each must fit exactly
+                if i + 4 > n:
+                    return False
+                i += 4 + (data[i + 2] << 8 | data[i + 3])
+            if i != n:
+                return False
             do = data[qend + 7] & 0x80
         else:
             if qend < 17 or qend != n:
@@ -142,10 +165,18 @@ class FastPath:
         question = data[12:qend]
         key = question.lower() + _KEY_SUFFIX[(1 if do else 0) | (2 if data[3] & 0x10 else 0)]
         verdict = self.memo.get(key, False)
-        if verdict is not None:
-            if verdict is False:
+        if verdict is False:  # a question not seen under this policy: check it now
+            policy = self.p.holder.policy
+            if policy.client_dependent or not _well_formed(data, qend - 5):
                 return False
-            return self._synthesised(data, addr, listener._t, key, edns, qend, t0)
+            verdict = policy.check_query(wire.wire_name_to_text(key[:qend - 16]),
+                                         data[qend - 4] << 8 | data[qend - 3], host)
+            memo = self.memo
+            if len(memo) >= MEMO_LIMIT:
+                evict_oldest(memo)
+            memo[key] = verdict  # the pipeline finds it there if it takes over
+        if verdict is not None:
+            return self._synthesised(data, addr, listener._t, verdict, edns, do, qend, t0)
         entry = self.index.get(key)
         if entry is None:
             return False
@@ -197,26 +228,27 @@ class FastPath:
         entry.fast = (flags_bytes, edns, valid, question, self.version, rest)
         return rest
 
-    def _synthesised(self, data: bytes, addr: Any, transport: Any, key: bytes, edns: bool,
-                     qend: int, t0: float) -> bool:
-        memo = self.synth.get(key + data[2:4] + (b"E" if edns else b"-"))
-        if memo is None:
+    def _synthesised(self, data: bytes, addr: Any, transport: Any, v: Any, edns: bool,
+                     do: int, qend: int, t0: float) -> bool:
+        qtype = data[qend - 4] << 8 | data[qend - 3]
+        template = self.templates.get((v.source_index, v.family, v.action, qtype, data[2:4],
+                                       edns, bool(do)))
+        if template is None:
             return False
-        stored, v, stats_key = memo
-        answer = data[:2] + stored[2:12] + data[12:qend] + stored[qend:]
+        header, tail = template
+        answer = data[:2] + header + data[12:qend] + tail
         transport.sendto(answer, addr)
         p = self.p
-        qtype = data[qend - 4] << 8 | data[qend - 3]
-        rcode = stored[3] & 0x0F
+        rcode = header[1] & 0x0F
         p.stats.queries[("udp", qtype)] += 1
         p.stats.responses[(rcode, "policy")] += 1
-        p.stats.policy_hits[stats_key] += 1
+        p.stats.policy_hits[(v.category, v.family, v.action.label, v.source)] += 1
         host = addr[0]
         p.clients.seen(host, t0)
         p.clients.threat(v.category, host, t0)
         if p.querylog.enabled:
-            p.querylog.record(host, addr[1], "udp", wire.wire_name_to_text(key[:qend - 16]),
-                              qtype, v, rcode, "policy", perf_counter() - t0)
+            p.querylog.record(host, addr[1], "udp", wire.wire_name_to_text(
+                data[12:qend - 4].lower()), qtype, v, rcode, "policy", perf_counter() - t0)
         elapsed = perf_counter() - t0
         if elapsed < _FIRST_BUCKET:
             self.quick += 1

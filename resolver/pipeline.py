@@ -39,6 +39,7 @@ from .acl import AccessList
 from .cache import AnswerCache, CacheEntry, answer_from_entry, make_entry
 from .fastpath import FastPath
 from .metrics import ClientTracker
+from .pipeline_memo import MEMO_LIMIT, evict_oldest
 from .querylog import QueryLog
 from .ratelimit import ADMIT, SLIP, RateLimiter
 from .rebinding import RebindingGuard
@@ -228,8 +229,8 @@ class Pipeline:
         except KeyError:
             pass
         verdict = policy.check_query(query.qname, query.qtype, host)
-        if len(memo) >= 100000:
-            memo.clear()
+        if len(memo) >= MEMO_LIMIT:
+            evict_oldest(memo)
         memo[key] = verdict
         return verdict
 

@@ -11,6 +11,7 @@ checks, so its verdict is memoised on the cache entry like theirs.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass
 
 from policy.rules import Action, Trigger
@@ -29,27 +30,50 @@ class RebindingSettings:
                                       "localhost", "intranet", "corp", "home")
 
 
+_V4 = tuple((int(n.network_address), int(n.netmask)) for n in PRIVATE_NETWORKS
+            if n.version == 4)
+_V6 = tuple((int(n.network_address), int(n.netmask)) for n in PRIVATE_NETWORKS
+            if n.version == 6)
+
+
+def is_private(text: str) -> bool:
+    """Whether an address (text, as in an answer) is in PRIVATE_NETWORKS. Integer masks:
+    this runs for every address of every answer that enters the cache."""
+    try:
+        if ":" in text:
+            value = int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
+            if value >> 32 != 0xFFFF:  # not IPv4-mapped
+                return any(value & mask == net for net, mask in _V6)
+            value &= 0xFFFFFFFF
+        else:
+            value = int.from_bytes(socket.inet_aton(text), "big")
+    except OSError:
+        return False
+    return any(value & mask == net for net, mask in _V4)
+
+
 class RebindingGuard:
     def __init__(self, settings: RebindingSettings) -> None:
         self.s = settings
-        self.allow = tuple(d.strip(".").lower() for d in settings.allow_domains)
+        self.allow = frozenset(d.strip(".").lower() for d in settings.allow_domains)
         self.action = Action.from_label(settings.action)
 
     def _allowed_name(self, qname: str) -> bool:
-        for d in self.allow:
-            if qname == d or qname.endswith("." + d):
+        name = qname
+        while True:
+            if name in self.allow:
                 return True
-        return False
+            dot = name.find(".")
+            if dot < 0:
+                return False
+            name = name[dot + 1:]
 
     def check(self, qname: str, addresses: tuple[str, ...] | list[str],
               policy_version: int) -> Verdict | None:
-        if not self.s.enabled or not addresses or self._allowed_name(qname):
+        if not self.s.enabled or not addresses:
             return None
         for text in addresses:
-            ip = ipaddress.ip_address(text)
-            if ip.version == 6 and ip.ipv4_mapped is not None:
-                ip = ip.ipv4_mapped
-            if any(ip in n for n in PRIVATE_NETWORKS if n.version == ip.version):
+            if is_private(text) and not self._allowed_name(qname):
                 return Verdict(action=self.action, trigger=Trigger.REBINDING,
                                category="rebinding", family="", source="rebinding-protection",
                                rule="private address in the answer for a public name",

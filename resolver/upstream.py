@@ -21,6 +21,7 @@ import struct
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 from . import wire
 
@@ -205,7 +206,12 @@ class UpstreamPool:
             try:
                 sock.sendto(wire.build_query(qid, question, cd=cd, do=do),
                             (upstream.host, upstream.port))
-                return await asyncio.wait_for(fut, timeout)
+                # A timer on the future itself (asyncio.wait_for would wrap it in a task).
+                timer = loop.call_later(timeout, _expire, fut)
+                try:
+                    return await fut
+                finally:
+                    timer.cancel()
             finally:
                 loop.remove_reader(fd)
         finally:
@@ -243,6 +249,11 @@ class UpstreamPool:
                     pass
 
         return await asyncio.wait_for(exchange(), timeout)
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 def _same_question(msg: wire.Message, question: bytes) -> bool:

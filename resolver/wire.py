@@ -298,6 +298,8 @@ def read_name(data: bytes, off: int) -> tuple[bytes, int]:
         if length == 0:
             if end < 0:
                 end = off + 1
+            if total + 1 > 255:  # RFC 1035 3.1: 255 octets, length octets and root included
+                raise WireError("name", "name too long")
             parts.append(b"\x00")
             break
         if length & 0xC0 == 0xC0:
