@@ -54,7 +54,7 @@ _RPZ_LINE = re.compile(r"\S+\s+(?:\d+\s+)?(?:IN\s+)?(?:CNAME|SOA|NS|A|AAAA|TXT)\
                        re.IGNORECASE)
 _HOSTS_LINE = re.compile(r"(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9a-f:]*:[0-9a-f:.%a-z]*)\s+\S",
                          re.IGNORECASE)
-_ADBLOCK_LINE = re.compile(r"(?:@@|\|\|?)\S|\S+\^(?:\$\S*)?|/.+/(?:\$\S*)?")
+_ADBLOCK_LINE = re.compile(r"(?:@@|\|\|?)\S+|\S+\^(?:\$\S*)?|/.+/(?:\$\S*)?")
 _URL_LINE = re.compile(r"[a-z][a-z0-9+.-]*://\S", re.IGNORECASE)
 _DNSMASQ_LINE = re.compile(r"(?:address|server|local)=/")
 _UNBOUND_LINE = re.compile(r"(?:local-zone|local-data|server)\s*:")

@@ -19,7 +19,7 @@ import gc
 import operator
 import re
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from itertools import compress, groupby
 from typing import NamedTuple
@@ -130,7 +130,7 @@ class Scan(NamedTuple):
     fast_lines: array.array  # 1-based line numbers of fast lines, ascending
     groups: list[list[str]]  # one list per captured field, fast lines only
     careful: list[tuple[int, str]]  # (line, text) of every other line, ascending
-    count: int  # physical lines
+    nlines: int  # physical lines
 
 
 def _empty_positions(keys: list[str]) -> list[int]:
@@ -154,6 +154,7 @@ def scan(text: str, rx: re.Pattern[str], key: int = 0, use_fast: bool = True) ->
     item per line. Single-group regexes give the name on fast lines and "" elsewhere (the
     text of the other lines is then cut out of their chunk). Regexes with several groups end
     with :data:`CATCH_ALL_TEXT`; group ``key`` (0-based) is non-empty exactly on fast lines.
+    The names (group ``key``) are returned in lower case.
     """
     single = rx.groups == 1
     nfields = 1 if single else rx.groups - 1
@@ -186,12 +187,15 @@ def scan(text: str, rx: re.Pattern[str], key: int = 0, use_fast: bool = True) ->
                 careful.extend((base + p + 1, last_of(found[p])) for p in slow)
             numbers = np.delete(numbers, slow)
         fast_lines.frombytes(numbers.tobytes())
+        names: Iterable[str] = filter(None, keys) if slow else keys
+        if chunk.lower() != chunk:  # upper case somewhere in the chunk (faster than islower)
+            names = map(str.lower, names)
         if single:
-            groups[0].extend(filter(None, keys) if slow else keys)
+            groups[0].extend(names)
         else:
             for g, get in enumerate(getters):
                 if g == key:
-                    groups[g].extend(filter(None, keys) if slow else keys)
+                    groups[g].extend(names)
                 elif slow:
                     groups[g].extend(compress(map(get, found), keys))
                 else:
@@ -206,7 +210,7 @@ def scan_lines(pairs: list[tuple[int, str]], rx: re.Pattern[str], key: int = 0) 
     if not pairs:
         return scan("", rx, key)
     sub = scan("\n".join([t for _, t in pairs]) + "\n", rx, key)
-    assert sub.count == len(pairs)
+    assert sub.nlines == len(pairs)
     numbers = np.array([ln for ln, _ in pairs], dtype=np.uint32)
     fast_lines = array.array("I")
     if len(sub.fast_lines):
@@ -236,7 +240,7 @@ def reroute(text: str, scan_: Scan, drop: list[int]) -> Scan:
     fast_lines = array.array("I", compress(scan_.fast_lines, keep))
     groups = [list(compress(g, keep)) for g in scan_.groups]
     careful = sorted(scan_.careful + moved)
-    return Scan(fast_lines, groups, careful, scan_.count)
+    return Scan(fast_lines, groups, careful, scan_.nlines)
 
 
 def assemble(ps: ParsedSource, fast: Fast | None, rows: list[Row]) -> None:
@@ -303,25 +307,39 @@ def indexes_named(ps: ParsedSource, wanted: set[str] | frozenset[str]) -> list[i
 
 
 def under_any(names: list[str], roots: set[str]) -> list[bool]:
-    """For each name: is it one of ``roots`` or below one of them?"""
+    """For each name: is it one of ``roots`` or below one of them?
+
+    A C-level pass keeps the names whose last few characters end some root; only those are
+    walked up label by label in Python.
+    """
+    n = len(names)
+    out = [False] * n
     if not roots:
-        return [False] * len(names)
-    if len(roots) <= 64:
-        suffixes = tuple("." + r for r in roots)
-        hit = map(operator.methodcaller("endswith", suffixes), names)
-        same = map(roots.__contains__, names)
-        return list(map(operator.or_, hit, same))
-    out = []
-    for n in names:
-        found = n in roots
+        return out
+    tail = min(8, min(map(len, roots)))
+    candidates: Iterable[int] = range(n)
+    if tail >= 4:
+        tails = {r[-tail:] for r in roots}
+        candidates = compress(range(n), map(tails.__contains__,
+                                            map(operator.itemgetter(slice(-tail, None)), names)))
+    for i in candidates:
+        name = names[i]
+        found = name in roots
         while not found:
-            dot = n.find(".")
+            dot = name.find(".")
             if dot < 0:
                 break
-            n = n[dot + 1:]
-            found = n in roots
-        out.append(found)
+            name = name[dot + 1:]
+            found = name in roots
+        out[i] = found
     return out
+
+
+def wire(rd: object) -> bytes:
+    """Uncompressed wire form of a dnspython rdata."""
+    data = rd.to_wire()  # type: ignore[attr-defined]
+    assert isinstance(data, bytes)
+    return data
 
 
 def comment_header(ps: ParsedSource, line: str) -> None:

@@ -29,8 +29,8 @@ rules and ``$dnsrewrite`` rules are not part of this resolution.
 from __future__ import annotations
 
 import ipaddress
-import operator
 import re
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from itertools import compress
 
@@ -67,6 +67,7 @@ from ._common import (
     scan,
     too_long,
     under_any,
+    wire,
 )
 from .hosts import address_record, hosts_line, is_sink
 from .names import FAST_NAME, _to_ascii, check_name, ip_literal
@@ -75,6 +76,8 @@ _RX = re.compile(rf"\|\|({FAST_NAME})\^[ \t]*+\n|{CATCH_ALL}")
 _COSMETIC = re.compile(r"#[@?$%]{0,2}#|#@?\$\??#|\$@?\$|#%#")
 _DNS_MODIFIERS = {"important", "badfilter", "dnstype", "client", "ctag", "denyallow",
                   "dnsrewrite"}
+_BLANK = re.compile(r"[ \t]")
+_URLISH = re.compile(r"[/:?=&^|%]")
 _GLOB = re.compile(r"[a-z0-9_*-]+(?:\.[a-z0-9_*-]+)*")
 
 Key = tuple[bool, str, str, int, frozenset[str]]
@@ -138,7 +141,7 @@ def _rewrite(value: str) -> tuple[Action, tuple[LocalRecord, ...]]:
         rd = dns.rdata.from_text(dns.rdataclass.IN, rdtype, rvalue, origin=dns.name.root)
     except (dns.exception.DNSException, ValueError) as e:
         raise ValueError(f"bad {rrtype} data {rvalue!r}: {e}") from None
-    return Action.LOCAL_DATA, (LocalRecord(int(rdtype), rd.to_wire(), None, rd.to_text()),)
+    return Action.LOCAL_DATA, (LocalRecord(int(rdtype), wire(rd), None, rd.to_text()),)
 
 
 def _glob_to_regex(glob: str) -> str:
@@ -163,8 +166,9 @@ def _line(ps: ParsedSource, st: _State, rows: list[Row], lineno: int, text: str)
     exception = s.startswith("@@")
     body = s[2:] if exception else s
     # hosts-style line inside an AdBlock list
-    blank = next((i for i, c in enumerate(body) if c in " \t"), -1)
-    if blank >= 0:
+    m = _BLANK.search(body)
+    if m:
+        blank = m.start()
         if not exception and ip_literal(body[:blank]) is not None:
             hosts_line(ps, rows, lineno, body)
             return
@@ -218,7 +222,7 @@ def _line(ps: ParsedSource, st: _State, rows: list[Row], lineno: int, text: str)
             p = p[:-1]
         if p.endswith("^"):
             p, caret = p[:-1], True
-        if any(c in p for c in "/:?=&^|%") and ip_literal(p) is None:
+        if _URLISH.search(p) and ip_literal(p) is None:
             _unsupported(ps, lineno, "url-path", "URL or path rule: not DNS")
             return
         if not p:
@@ -269,8 +273,8 @@ def _line(ps: ParsedSource, st: _State, rows: list[Row], lineno: int, text: str)
     clients: list[str] = []
     unless: list[str] = []
     records: tuple[LocalRecord, ...] = ()
-    for m, v in mods:
-        if m == "dnstype":
+    for mod, v in mods:
+        if mod == "dnstype":
             for t in v.split("|"):
                 t = t.strip()
                 if t.startswith("~"):
@@ -282,7 +286,7 @@ def _line(ps: ParsedSource, st: _State, rows: list[Row], lineno: int, text: str)
                 except dns.exception.DNSException:
                     ps.problem(lineno, f"unknown DNS type {t!r} in $dnstype")
                     return
-        elif m == "client":
+        elif mod == "client":
             for c in v.split("|"):
                 c = c.strip().strip("'\"")
                 try:
@@ -293,7 +297,7 @@ def _line(ps: ParsedSource, st: _State, rows: list[Row], lineno: int, text: str)
                     _unsupported(ps, lineno, "client-name",
                                  f"$client={c}: only client addresses/networks are supported")
                     return
-        elif m == "denyallow":
+        elif mod == "denyallow":
             if exception or kind != "qname":
                 _unsupported(ps, lineno, "denyallow",
                              "$denyallow is supported on blocking name rules only")
@@ -304,7 +308,7 @@ def _line(ps: ParsedSource, st: _State, rows: list[Row], lineno: int, text: str)
                     ps.problem(lineno, f"{d!r} in $denyallow is not a valid name: {why}")
                     return
                 unless.append(name)
-        elif m == "dnsrewrite":
+        elif mod == "dnsrewrite":
             if exception:
                 _unsupported(ps, lineno, "dnsrewrite-exception",
                              "@@...$dnsrewrite (disabling rewrites) is not supported")
@@ -350,6 +354,20 @@ def _covers(outer: tuple[str, int], inner: tuple[str, int]) -> bool:
     return inn == on and is_ == Scope.EXACT
 
 
+def _covering(by_name: dict[str, list[tuple[int, int, bool]]], entry: tuple[str, int],
+              important: bool) -> int:
+    """Line of an exception that covers ``entry`` (and beats it), else 0."""
+    name = entry[0]
+    while True:
+        for sc, line, exc_imp in by_name.get(name, ()):
+            if (exc_imp or not important) and _covers((name, sc), entry):
+                return line
+        dot = name.find(".")
+        if dot < 0:
+            return 0
+        name = name[dot + 1:]
+
+
 def _resolve(ps: ParsedSource, st: _State) -> None:
     """Apply $badfilter and the exception / $important priorities (see module doc)."""
     drop: set[int] = set()
@@ -384,20 +402,23 @@ def _resolve(ps: ParsedSource, st: _State) -> None:
     if exc:
         imp = st.important
         exceptions = [(ps.names[i], ps.scopes[i], ps.lines[i], ps.lines[i] in imp) for i in exc]
-        roots = {n for n, _, _, _ in exceptions}
-        blocks = [i for i in compress(range(len(ps.actions)), map(operator.not_, ps.actions))
-                  if i not in drop]
-        near = under_any([ps.names[i] for i in blocks], roots)
-        for i in compress(blocks, near):
+        by_name: dict[str, list[tuple[int, int, bool]]] = {}
+        for n, sc, line, exc_imp in exceptions:
+            by_name.setdefault(n, []).append((sc, line, exc_imp))
+        for i in compress(range(len(ps.names)), under_any(ps.names, set(by_name))):
+            if i in drop or ps.actions[i] != Action.DEFAULT:
+                continue
             entry = (ps.names[i], ps.scopes[i])
             important = ps.lines[i] in imp
-            for n, sc, line, exc_imp in exceptions:
-                if (exc_imp or not important) and _covers((n, sc), entry):
-                    drop.add(i)
-                    ps.skipped[ps.lines[i]] = f"overridden by the exception on line {line}"
-                    break
-        strong = [(ps.names[i], ps.scopes[i], ps.lines[i]) for i in blocks
-                  if i not in drop and ps.lines[i] in imp]
+            line = _covering(by_name, entry, important)
+            if line:
+                drop.add(i)
+                ps.skipped[ps.lines[i]] = f"overridden by the exception on line {line}"
+        strong = []  # $important blocks still standing (careful lines only: few)
+        for line in sorted(imp):
+            for i in range(bisect_left(ps.lines, line), bisect_right(ps.lines, line)):
+                if i not in drop and ps.actions[i] == Action.DEFAULT:
+                    strong.append((ps.names[i], ps.scopes[i], line))
         for i, (n, sc, line, exc_imp) in zip(exc, exceptions, strict=True):
             if exc_imp:
                 continue

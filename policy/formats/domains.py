@@ -4,7 +4,8 @@
 rule. ``wildcard-domains`` (HaGeZi ``wildcard/``, OISD ``domainswild``/``domainswild2``):
 each entry, written ``*.name`` or ``name``, stands for the name **and** its subdomains.
 
-``#`` and ``!`` comment lines, ``#`` inline comments, surrounding blanks are accepted; a
+``#`` and ``!`` comment lines, ``#`` inline comments, surrounding blanks are accepted;
+hosts-file preamble names (``localhost``, ``localhost.localdomain``...) are ignored; a
 line with two fields, a URL, an IP literal, a wildcard in a plain ``domains`` list, a
 ``*.*.`` or inner ``*`` in a wildcard list, and invalid names are problems.
 """
@@ -28,10 +29,12 @@ from ._common import (
     scan,
     too_long,
 )
-from .names import FAST_NAME, check_name
+from .names import FAST_NAME, SPECIAL_HOSTS, check_name
 
-_RX_EXACT = re.compile(rf"({FAST_NAME})[ \t]*+\n|{CATCH_ALL}")
-_RX_WILD = re.compile(rf"(?:\*\.)?+({FAST_NAME})[ \t]*+\n|{CATCH_ALL}")
+# names starting with "localhost" go to the careful path, which ignores the hosts-file
+# preamble names (localhost.localdomain...) as the hosts parser does
+_RX_EXACT = re.compile(rf"(?!(?i:localhost))({FAST_NAME})[ \t]*+\n|{CATCH_ALL}")
+_RX_WILD = re.compile(rf"(?:\*\.)?+(?!(?i:localhost))({FAST_NAME})[ \t]*+\n|{CATCH_ALL}")
 
 
 def _line(ps: ParsedSource, rows: list[Row], lineno: int, text: str, wildcard: bool) -> None:
@@ -60,6 +63,9 @@ def _line(ps: ParsedSource, rows: list[Row], lineno: int, text: str, wildcard: b
             return
     elif "*" in s:
         ps.problem(lineno, "wildcard in a plain domain list (use format 'wildcard-domains')")
+        return
+    if s.lower().rstrip(".") in SPECIAL_HOSTS:
+        ps.ignored += 1
         return
     name, why = check_name(s)
     if name is None:

@@ -34,7 +34,7 @@ from .names import FAST_NAME, SPECIAL_HOSTS, check_name, ip_literal
 # names starting with "localhost" (localhost.localdomain...) go to the careful path,
 # which knows the preamble names
 _RX = re.compile(
-    rf"(?:0\.0\.0\.0|127\.0\.0\.1)[ \t]++(?!localhost)({FAST_NAME})[ \t]*+\n|{CATCH_ALL}")
+    rf"(?:0\.0\.0\.0|127\.0\.0\.1)[ \t]++(?!(?i:localhost))({FAST_NAME})[ \t]*+\n|{CATCH_ALL}")
 
 
 def address_record(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> LocalRecord:

@@ -36,26 +36,32 @@ SPECIAL_HOSTS = frozenset({
     "ip6-allhosts", "0.0.0.0",
 })
 
-#: The name part of every fast-path regex: lower-case ASCII labels of 1 to 63 characters
-#: separated by single dots, no label starting or ending with ``-``, at least two labels,
-#: the last one ending in a letter or ``_`` (so never an IP literal). Possessive
-#: quantifiers: one pass, no backtracking. It does not check the 253-character limit:
-#: callers send longer names to the careful path (``_common.too_long``). Whatever it
-#: accepts, :func:`check_name` accepts unchanged; the rest goes to the careful path.
-FAST_NAME = (r"(?!-)(?:[a-z0-9_-]{1,63}+(?<!-)\.(?=[a-z0-9_]))++"
-             r"[a-z0-9_-]{1,63}+(?<=[a-z_])")
+#: The name part of every fast-path regex: ASCII labels of 1 to 63 characters separated by
+#: single dots, no label starting or ending with ``-``, at least two labels, the last one
+#: ending in a letter or ``_`` (so never an IP literal). Possessive quantifiers: one pass,
+#: no backtracking. Upper case is accepted (``scan`` lowers the names of a chunk that has
+#: any). It does not check the 253-character limit: callers send longer names to the
+#: careful path (``_common.too_long``). Whatever it accepts, :func:`check_name` accepts
+#: unchanged but for case; the rest goes to the careful path.
+FAST_NAME = (r"(?!-)(?:[a-zA-Z0-9_-]{1,63}+(?<!-)\.(?=[a-zA-Z0-9_]))++"
+             r"[a-zA-Z0-9_-]{1,63}+(?<=[a-zA-Z_])")
 
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")
 _ASCII_OK = re.compile(r"[a-z0-9_.-]*")
+#: a whole valid name at once (lengths aside); the label-by-label checks only run to
+#: explain a failure
+_NAME_OK = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*"
+                      r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+_MAYBE_IP = re.compile(r"\[?[0-9.]+\]?|.*:.*")
 
 
 def ip_literal(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The address if ``text`` is an IPv4/IPv6 literal (brackets, zone id allowed), else None."""
     t = text.strip()
+    if not _MAYBE_IP.fullmatch(t):
+        return None
     if t.startswith("[") and t.endswith("]"):
         t = t[1:-1]
-    if not t or not (t[0].isdigit() or ":" in t or t[0] in "abcdefABCDEF"):
-        return None
     try:
         return ipaddress.ip_address(t)
     except ValueError:
@@ -88,6 +94,13 @@ def check_name(text: str, allow_single_label: bool = False) -> tuple[str | None,
         except (idna.IDNAError, UnicodeError, ValueError) as e:
             return None, f"not a valid internationalised name ({e})"
     s = s.lower()
+    if len(s) <= 253 and _NAME_OK.fullmatch(s):
+        last = s.rfind(".")
+        if last >= 0:
+            if not s[last + 1:].isdigit():
+                return s, ""
+        elif allow_single_label and not s.isdigit():
+            return s, ""
     if not _ASCII_OK.fullmatch(s):
         if ip_literal(s) is not None:
             return None, "an IP address, not a name"

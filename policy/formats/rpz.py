@@ -28,11 +28,15 @@ Semantics per owner:
   ``category=X`` (see :func:`names.family_from_comment`).
 * TTL of Local-Data: the record's own TTL, else ``$TTL``, else None.
 
-Fast path: lines ``[*.]name [ttl] [IN] CNAME <. | *. | rpz-passthru. | rpz-drop. |
-rpz-tcp-only.> [; comment]`` are read in bulk without dnspython. It is used only when the
-file's ``$ORIGIN`` and multi-line records all come before the first such line and the
-relative part of that origin is empty (the usual feed); otherwise the file is parsed
-record by record. Both give equal results (tested).
+Fast path: lines ``[*.]name[.] [ttl] [IN] CNAME <. | *. | rpz-passthru. | rpz-drop. |
+rpz-tcp-only.> [; comment]`` are read in bulk without dnspython: tier 1, a one-group regex
+for ``[*.]name [ttl] [IN] CNAME .`` (the bulk of a feed), then tier 2, a regex with groups
+for the other targets, absolute owners and comments, over the lines tier 1 left (a file
+whose lines mostly carry comments goes to tier 2 directly). Owners are made relative to
+the zone in bulk after the record-by-record pass over the other lines. A file with an
+``$ORIGIN`` or a parenthesised record after its first bulk line is parsed record by record
+throughout. Equal RDATA texts are parsed by dnspython once. Both paths give equal results
+(tested).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.ttl
 import numpy as np
+from dns.rdtypes.ANY.CNAME import CNAME
 
 from policy.rules import Action, IpRule, LocalRecord, ParsedSource, Scope, Trigger
 
@@ -61,6 +66,7 @@ from ._common import (
     CATCH_ALL_TEXT,
     Fast,
     Row,
+    Scan,
     assemble,
     comment_header,
     decode,
@@ -68,19 +74,20 @@ from ._common import (
     scan,
     scan_lines,
     split_lines,
+    wire,
 )
 from .names import FAST_NAME, check_name, family_from_comment
 
 _TARGETS = {".": Action.NXDOMAIN, "*.": Action.NODATA, "rpz-passthru.": Action.PASSTHRU,
             "rpz-drop.": Action.DROP, "rpz-tcp-only.": Action.TCP_ONLY}
-_LB = r"(?<!\.rpz-ip)(?<!\.rpz-nsip)(?<!\.rpz-nsdname)(?<!\.rpz-client-ip)"
+_LB = (r"(?<!(?i:\.rpz-ip))(?<!(?i:\.rpz-nsip))(?<!(?i:\.rpz-nsdname))"
+       r"(?<!(?i:\.rpz-client-ip))")
 #: tier 1, one group (cheap): ``name [ttl] [IN] CNAME .`` without a comment, and the same
-#: with ``*.name``; variants without look-behinds when the text has no ".rpz-" at all
+#: with ``*.name``
 _TIER1 = (r"{star}({name}){lb}[ \t]++(?:[0-9]{{1,9}}+[ \t]++)?+(?:(?:IN|in)[ \t]++)?+"
           r"(?:CNAME|cname)[ \t]++\.[ \t]*+\n|" + CATCH_ALL)
-_RX1 = {(star, lb): re.compile(_TIER1.format(star=r"\*\." if star else "", name=FAST_NAME,
-                                              lb=_LB if lb else ""))
-        for star in (False, True) for lb in (False, True)}
+_RX1 = {star: re.compile(_TIER1.format(star=r"\*\." if star else "", name=FAST_NAME, lb=_LB))
+        for star in (False, True)}
 #: tier 2, over the lines tier 1 left: absolute owners, the other targets, comments
 _RX2 = re.compile(
     rf"(\*\.)?+({FAST_NAME}){_LB}(\.?+)[ \t]++(?:[0-9]{{1,9}}+[ \t]++)?+"
@@ -106,7 +113,7 @@ class _Record:
     nlines: int
     owner: str  # absolute, lower case, no trailing dot ("" = root)
     ttl: int | None  # its own, else the $TTL in effect, else None
-    rdtype: int
+    rdtype: dns.rdatatype.RdataType
     rdata: str
     comment: str
     origin: str  # $ORIGIN in effect (for relative names in the RDATA)
@@ -125,7 +132,7 @@ def _tokens(text: str) -> tuple[list[str], str | None, int, str | None]:
                 return toks, comment, depth, f"unexpected text {text[pos:].strip()[:20]!r}"
             break
         pos = m.end()
-        kind = m.lastgroup
+        kind = m.lastgroup or ""
         if kind == "c":
             comment = m.group("c")
             break
@@ -354,6 +361,9 @@ class _Parser:
         rows: list[Row] = []
         groups: dict[tuple, list] = {}  # local data: key -> [line, records, family, kind info]
         origins: dict[str, dns.name.Name] = {}
+        # RDATA parsed by dnspython once per distinct (type, text, origin): rdata objects
+        # are immutable, and a feed repeats "CNAME ." or its sinkhole address endlessly
+        parsed: dict[tuple[int, str, str], dns.rdata.Rdata] = {}
         for rec in self.records:
             rel = _relative(rec.owner, zone)
             if rec.rdtype in _IGNORED_TYPES:
@@ -385,7 +395,6 @@ class _Parser:
                     continue
                 key: tuple = ("ip", Trigger.RESPONSE_IP if last == "rpz-ip"
                               else Trigger.CLIENT_IP, net)
-                name = ""
             else:
                 scope = Scope.EXACT
                 base = rel
@@ -397,37 +406,38 @@ class _Parser:
                 if "*" in base:
                     ps.problem(rec.line, "'*' is only allowed as the first label of an owner")
                     continue
-                name, why = check_name(base, allow_single_label=True)
-                if name is None:
+                qname, why = check_name(base, allow_single_label=True)
+                if qname is None:
                     ps.problem(rec.line, f"owner {base!r} is not a valid name: {why}")
                     continue
-                key = ("qname", name, scope)
+                key = ("qname", qname, scope)
             # the action
             try:
-                org = origins.get(rec.origin)
-                if org is None:
-                    org = origins[rec.origin] = dns.name.from_text(rec.origin + ".")
-                rd = dns.rdata.from_text(dns.rdataclass.IN, rec.rdtype, rec.rdata, origin=org,
-                                         relativize=False)
+                ck = (rec.rdtype, rec.rdata, rec.origin)
+                rd = parsed.get(ck)
+                if rd is None:
+                    org = origins.get(rec.origin)
+                    if org is None:
+                        org = origins[rec.origin] = dns.name.from_text(rec.origin + ".")
+                    rd = parsed[ck] = dns.rdata.from_text(
+                        dns.rdataclass.IN, rec.rdtype, rec.rdata, origin=org, relativize=False)
             except (dns.exception.DNSException, ValueError) as e:
                 ps.problem(rec.line, f"invalid {dns.rdatatype.to_text(rec.rdtype)} data: "
                                      f"{e or type(e).__name__}")
                 continue
             action = Action.LOCAL_DATA
-            record = None
-            if rec.rdtype == dns.rdatatype.CNAME:
+            target = ""
+            if isinstance(rd, CNAME):
                 target = rd.target.to_text().lower()
                 action = _TARGETS.get(target, Action.LOCAL_DATA)
                 if action == Action.LOCAL_DATA and key[0] == "qname" and (
-                        target[:-1] in (name, rec.owner)) and key[2] == Scope.EXACT:
+                        target[:-1] in (key[1], rec.owner)) and key[2] == Scope.EXACT:
                     action = Action.PASSTHRU  # legacy: CNAME to the owner's own name
             if action == Action.LOCAL_DATA:
                 wild = None
-                if rec.rdtype == dns.rdatatype.CNAME:
-                    t = rd.target.to_text().lower()
-                    if t.startswith("*.") and len(t) > 2:
-                        wild = t[2:-1]
-                record = LocalRecord(int(rec.rdtype), rd.to_wire(), rec.ttl, rd.to_text(), wild)
+                if target.startswith("*.") and len(target) > 2:
+                    wild = target[2:-1]
+                record = LocalRecord(int(rec.rdtype), wire(rd), rec.ttl, rd.to_text(), wild)
                 g = groups.get(key)
                 if g is None:
                     groups[key] = [rec.line, [record], family]
@@ -486,18 +496,22 @@ class _FastRules:
 
 
 def _families(comments: list[str]) -> list[str] | None:
+    """Family tags of the fast lines' comments ("" for none), None when there are none.
+    Only comments that can hold a tag (``=``, ThreatFox's ``(confidence level:``) are read."""
     if not any(comments):
         return None
-    cache: dict[str, str] = {}
-
-    def fam(c: str) -> str:
-        f = cache.get(c)
-        if f is None:
-            f = cache[c] = (family_from_comment(c) or "") if c else ""
-        return f
-
-    families = list(map(fam, comments))
-    return families if any(families) else None
+    n = len(comments)
+    maybe = compress(range(n), map(operator.or_,
+                                   map(operator.contains, comments, repeat("=")),
+                                   map(operator.contains, comments, repeat("(confidence level:"))))
+    families = [""] * n
+    found = False
+    for i in maybe:
+        f = family_from_comment(comments[i])
+        if f:
+            families[i] = f
+            found = True
+    return families if found else None
 
 
 def _merge(a: _FastRules, b: _FastRules) -> _FastRules:
@@ -530,8 +544,16 @@ def _merge(a: _FastRules, b: _FastRules) -> _FastRules:
 
 def _fast_scan(text: str) -> tuple[_FastRules, list[tuple[int, str]], int]:
     """Tier 1 (exact and wildcard owners, the more frequent first) over the text, tier 2
-    over what tier 1 left; returns (rules, careful lines, number of lines)."""
-    lb = ".rpz-" in text
+    over what tier 1 left; returns (rules, careful lines, number of lines). A file whose
+    lines mostly carry comments (abuse.ch style) goes to tier 2 directly."""
+    # a head sample decides whether tier 1 is worth it (not for comment-heavy abuse.ch
+    # style files nor zone dumps with absolute owners)
+    cut = text.rfind("\n", 0, 1 << 17)
+    head = text[:cut + 1] if cut > 0 else text
+    sample = scan(head, _RX1[head.count("\n*.") * 2 > head.count("\n")])
+    if len(sample.careful) * 2 > sample.nlines:
+        s2 = scan(text, _RX2, 1)
+        return _tier2(s2), s2.careful, s2.nlines
     stars = text.count("\n*.") + text.startswith("*.")
     order = [False, True] if stars * 2 <= text.count("\n") else [True, False]
     if not stars:
@@ -540,10 +562,10 @@ def _fast_scan(text: str) -> tuple[_FastRules, list[tuple[int, str]], int]:
     pending: list[tuple[int, str]] | None = None
     count = 0
     for star in order:
-        rx = _RX1[star, lb]
+        rx = _RX1[star]
         if pending is None:
             s1 = scan(text, rx)
-            count = s1.count
+            count = s1.nlines
         else:
             s1 = scan_lines(pending, rx)
         n = len(s1.groups[0])
@@ -554,12 +576,16 @@ def _fast_scan(text: str) -> tuple[_FastRules, list[tuple[int, str]], int]:
         pending = s1.careful
         if not pending:
             return rules, [], count
-    s2 = scan_lines(pending, _RX2, 1)
-    stars_, names2, dots, targets, comments = s2.groups
-    tier2 = _FastRules(s2.fast_lines, names2, bytes(map(_STAR_SCOPE.__getitem__, stars_)),
-                       bytes(map(_TARGETS.__getitem__, targets)),
-                       dots if any(dots) else None, _families(comments))
-    return _merge(rules, tier2), s2.careful, count
+    s2 = scan_lines(pending or [], _RX2, 1)
+    assert rules is not None
+    return _merge(rules, _tier2(s2)), s2.careful, count
+
+
+def _tier2(s2: Scan) -> _FastRules:
+    stars, names, dots, targets, comments = s2.groups
+    return _FastRules(s2.fast_lines, names, bytes(map(_STAR_SCOPE.__getitem__, stars)),
+                      bytes(map(_TARGETS.__getitem__, targets)),
+                      dots if any(dots) else None, _families(comments))
 
 
 def _fast_names(fr: _FastRules, origin: str, zone: str) -> tuple[list[str], list[int]]:
@@ -582,19 +608,21 @@ def _fast_names(fr: _FastRules, origin: str, zone: str) -> tuple[list[str], list
         full = list(map(operator.add, names, repeat("." + origin)))
         if max(map(len, full), default=0) > 253:
             full = None
-    if full is not None and zone and zone not in full:
+    if full is not None and zone:
         ends = list(map(operator.methodcaller("endswith", sfx), full))
-        if all(ends):
+        if all(ends):  # (an apex owner does not end with ".zone": not all)
             out = list(map(operator.itemgetter(slice(None, -len(sfx))), full))
-        elif not any(ends):
+        elif not any(ends) and zone not in full:
             out = full
         else:
             full = None
         if full is not None:
-            special = set(compress(range(len(out)), map(operator.methodcaller(
-                "endswith", _SPECIAL_SUFFIXES), out)))
-            special.update(i for i in compress(range(len(out)), map(
-                _SPECIAL_TLDS.__contains__, out)))
+            special: set[int] = set()
+            is_special = operator.methodcaller("endswith", _SPECIAL_SUFFIXES)
+            if any(map(is_special, out)):
+                special.update(compress(range(len(out)), map(is_special, out)))
+            if not _SPECIAL_TLDS.isdisjoint(out):
+                special.update(compress(range(len(out)), map(_SPECIAL_TLDS.__contains__, out)))
             return out, sorted(set(redo) | special)
     elif full is not None and not zone:
         return full, redo

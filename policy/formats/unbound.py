@@ -42,6 +42,7 @@ from ._common import (
     reroute,
     scan,
     too_long,
+    wire,
 )
 from .names import FAST_NAME, check_name
 
@@ -104,7 +105,7 @@ def _record(value: str) -> tuple[str, LocalRecord]:
         rd = dns.rdata.from_text(dns.rdataclass.IN, rdtype, rdata, origin=dns.name.root)
     except dns.exception.DNSException as e:
         raise ValueError(f"bad {rtype} record: {e}") from None
-    return name, LocalRecord(int(rdtype), rd.to_wire(), ttl, rd.to_text())
+    return name, LocalRecord(int(rdtype), wire(rd), ttl, rd.to_text())
 
 
 def _line(ps: ParsedSource, rows: list[Row], later: _Deferred, lineno: int, text: str) -> None:
