@@ -413,6 +413,20 @@ def build_in_child(settings: PolicySettings, version: int, state_dir: str = "",
     if not hasattr(os, "fork"):
         return build_policy(settings, version, state_dir, extra_rpz)
     directory = index_dir(state_dir)
+    try:
+        return _build_in_child_at(directory, settings, version, state_dir, extra_rpz, unlink)
+    except RuntimeError as exc:
+        # A small tmpfs (a Pi's /run, Docker's 64 MB /dev/shm) may not hold a big index:
+        # the state directory is on disk and has room.
+        if "No space left" not in str(exc) or not state_dir or directory == state_dir:
+            raise
+        os.makedirs(state_dir, exist_ok=True)
+        return _build_in_child_at(state_dir, settings, version, state_dir, extra_rpz, unlink)
+
+
+def _build_in_child_at(directory: str, settings: PolicySettings, version: int,
+                       state_dir: str, extra_rpz: tuple[str, ...], unlink: bool
+                       ) -> tuple[Policy, BuildReport]:
     _remove_orphans(directory)
     fd, path = tempfile.mkstemp(prefix=f"moat-policy-{os.getpid()}-{version}-",
                                 suffix=".idx", dir=directory)

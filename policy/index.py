@@ -158,8 +158,9 @@ class NameIndex:
     @classmethod
     def from_arrays(cls, keys: np.ndarray, meta: np.ndarray, directory: np.ndarray, k: int,
                     labels: tuple[int, int] = (1, 127)) -> NameIndex:
-        return cls(memoryview(keys).cast("B").cast("Q"), memoryview(meta).cast("B").cast("Q"),
-                   memoryview(directory).cast("B").cast("I"), k, labels,
+        return cls(memoryview(keys.data).cast("B").cast("Q"),
+                   memoryview(meta.data).cast("B").cast("Q"),
+                   memoryview(directory.data).cast("B").cast("I"), k, labels,
                    (keys, meta, directory))
 
     def __len__(self) -> int:

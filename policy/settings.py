@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from .rules import OVERRIDE_ACTIONS
 
 
-def _addresses(version: int):  # type: ignore[no-untyped-def]
+def _addresses(version: int):
     def convert(value: object) -> tuple[str, ...]:
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list | tuple):
@@ -26,6 +26,13 @@ def _addresses(version: int):  # type: ignore[no-untyped-def]
             out.append(str(ip))
         return tuple(out)
     return convert
+
+
+def _networks(value: object) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError("expected a network or a list of networks")
+    return tuple(str(ipaddress.ip_network(str(v), strict=False)) for v in items)
 
 
 def _action(value: object) -> str:
@@ -73,6 +80,10 @@ class SourceSettings:
         "doc": "an RPZ zone name pulled from `primary` by AXFR/IXFR"})
     primary: str = field(default="", metadata={"doc": "HOST[:PORT] of the zone's primary server"})
     tsig: TsigKey | None = None
+    notify_from: tuple[str, ...] = field(default=(), metadata={
+        "convert": _networks,
+        "doc": "networks NOTIFY may also come from (the primary's own address always may): "
+               "for a primary behind NAT or a Kubernetes Service"})
     format: str = field(default="auto", metadata={
         "doc": "rpz, hosts, domains, wildcard-domains, adblock, dnsmasq, unbound, "
                "threatfox-csv, urls or auto"})

@@ -100,14 +100,14 @@ def _soa_minimum(data: bytes, rec: wire.Record) -> int:
     return _TTL.unpack_from(data, off + 16)[0]
 
 
-class _Lru(LRUCache):  # type: ignore[type-arg]
+class _Lru(LRUCache):
     """cachetools' LRU, telling the cache when an entry leaves (evicted or dropped)."""
 
     def __init__(self, maxsize: int, on_remove: Any) -> None:
         super().__init__(maxsize=maxsize)
         self._on_remove = on_remove
 
-    def __delitem__(self, key: Any) -> None:  # type: ignore[override]
+    def __delitem__(self, key: Any) -> None:
         super().__delitem__(key)
         self._on_remove(key)
 

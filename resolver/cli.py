@@ -120,7 +120,7 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         try:
             import uvloop
 
-            return uvloop.new_event_loop()  # type: ignore[no-any-return]
+            return uvloop.new_event_loop()
         except ImportError:
             pass
     return asyncio.new_event_loop()

@@ -108,7 +108,7 @@ def _as_list(value: object) -> list[Any]:
     raise ValueError("expected a list")
 
 
-def _choice(*words: str):  # type: ignore[no-untyped-def]
+def _choice(*words: str):
     def convert(value: object) -> str:
         w = str(value).strip().lower()
         if w not in words:

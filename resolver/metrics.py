@@ -260,7 +260,7 @@ def merged_view(snapshots: list[dict[str, Any]], supervisor: Any) -> Any:
 
     st = Stats()
     cache = [0, 0, 0, 0]
-    ups: dict[str, Any] = {}
+    ups: dict[str, Any] = {}  # label -> _NS of summed upstream figures
     ignored = [0, 0]
     fast_counts: Counter[int] = Counter()
     quick = [0, 0.0]
@@ -276,7 +276,7 @@ def merged_view(snapshots: list[dict[str, Any]], supervisor: Any) -> Any:
         for i, n in enumerate(snap["cache"]):
             cache[i] += n
         for label, results, buckets, total in snap["upstreams"]:
-            u = ups.get(label)
+            u: Any = ups.get(label)
             if u is None:
                 from .upstream import Upstream
 

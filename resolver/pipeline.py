@@ -239,7 +239,7 @@ class Pipeline:
     def _answer_verdict(self, entry: CacheEntry, query: wire.Query, host: str,
                         policy: PolicyView) -> Verdict | None:
         if entry.policy_version == policy.version and not policy.client_dependent:
-            return entry.verdict  # type: ignore[no-any-return]
+            return entry.verdict
         verdict = None
         if entry.names or entry.addresses:
             verdict = policy.check_answer(entry.names, entry.addresses, query.qtype, host)

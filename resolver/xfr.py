@@ -151,6 +151,17 @@ class _Source:
     last_start: float = 0.0  # loop time of the last transfer start
 
 
+def _in_networks(host: str, networks: Sequence[str]) -> bool:
+    """``notify_from``: where else NOTIFY may come from (NAT, a Kubernetes Service)."""
+    if not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(n, strict=False) for n in networks)
+
+
 def _ip(text: str) -> str:
     """Normalised address text; IPv4-mapped IPv6 as IPv4; no scope."""
     ip = ipaddress.ip_address(text.split("%", 1)[0])
@@ -537,7 +548,7 @@ class ZoneTransfers:
             self.notify_unknown += 1
             log.debug("NOTIFY from %s for %s: not a zone moat transfers; refused", host, qname)
             return self._answer(msg, dns.rcode.REFUSED)
-        if host != z.primary[0]:
+        if host != z.primary[0] and not _in_networks(host, z.src.notify_from):
             z.notifies["refused"] += 1
             log.debug("NOTIFY for %s from %s: not the primary %s; refused", qname, host,
                       z.src.primary)

@@ -10,9 +10,12 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 # dig/kdig (clients), nsd + knot (authoritative upstreams and RPZ primaries),
 # unbound + dnsmasq (comparison points), dnsperf (load), dnsdist (fleet front),
-# prometheus (promtool checks the alert rules), chromium (renders the HTML report).
+# prometheus (promtool checks the alert rules), chromium (renders the HTML report);
+# podman/buildah/runc/catatonit/debootstrap/qemu-user-static/docker-compose/systemd for the
+# platform tests (the Docker image, the systemd unit in a container, arm64 under qemu).
 PACKAGES=(python3 python3-venv python3-dev build-essential bind9-dnsutils knot-dnsutils nsd
-          knot unbound dnsmasq-base dnsperf dnsdist prometheus chromium iproute2 procps curl)
+          knot unbound dnsmasq-base dnsperf dnsdist prometheus chromium iproute2 procps curl
+          systemd podman buildah runc catatonit debootstrap qemu-user-static docker-compose)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
