@@ -231,14 +231,16 @@ class App:
         if self.role == "single":
             await self._start_sources()
             await self.reload_policy("start")
-        await self._open_listeners()
         if self.config.metrics.listen and self.role == "single":
+            # Before the DNS listeners: a probe that sees DNS answers can scrape at once
+            # (/healthz says unhealthy until the listeners are up).
             host, port = config_mod.parse_hostport(self.config.metrics.listen)
             self.metrics_server = MetricsServer(host, port, self.registry, self.healthy)
             self.metrics_server.start()
             log.info("metrics on http://%s/metrics",
                      f"[{host}]:{self.metrics_server.port}" if ":" in host
                      else f"{host}:{self.metrics_server.port}")
+        await self._open_listeners()
         self._drop_privileges()
         self.querylog.start()
         self.listening = True

@@ -49,6 +49,7 @@ from . import wire
 from .cache import _OPT, _OPT_DO
 from .pipeline_memo import MEMO_LIMIT, evict_oldest
 from .ratelimit import ADMIT
+from .stats import QTYPE_LABELS
 
 _TAIL = struct.Struct("!HHHHH")  # flags, qd, an, ns, ar
 _PLAIN_QUERY = b"\x00\x01\x00\x00\x00\x00\x00\x00"
@@ -240,7 +241,7 @@ class FastPath:
         transport.sendto(answer, addr)
         p = self.p
         rcode = header[1] & 0x0F
-        p.stats.queries[("udp", qtype)] += 1
+        p.stats.queries[("udp", qtype if qtype in QTYPE_LABELS else 0)] += 1
         p.stats.responses[(rcode, "policy")] += 1
         p.stats.policy_hits[(v.category, v.family, v.action.label, v.source)] += 1
         host = addr[0]

@@ -43,7 +43,7 @@ from .pipeline_memo import MEMO_LIMIT, evict_oldest
 from .querylog import QueryLog
 from .ratelimit import ADMIT, SLIP, RateLimiter
 from .rebinding import RebindingGuard
-from .stats import Stats
+from .stats import QTYPE_LABELS, Stats
 from .upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger("moat.pipeline")
@@ -150,7 +150,9 @@ class Pipeline:
         except wire.WireError as err:
             self._malformed(err, data, addr, responder, t0)
             return
-        self.stats.queries[(responder.transport, query.qtype)] += 1
+        qtype = query.qtype
+        # Fold rare qtypes at once: 65536 possible keys would be memory an attacker controls.
+        self.stats.queries[(responder.transport, qtype if qtype in QTYPE_LABELS else 0)] += 1
         req = Request(query, addr, responder, t0)
         # 2. guard
         try:
@@ -187,9 +189,11 @@ class Pipeline:
         verdict = self._query_verdict(policy, query, host)
         if verdict is not None:
             req.verdict = verdict
-            if verdict.action not in _ANSWERS_NORMALLY:
+            if verdict.action not in _ANSWERS_NORMALLY and not (
+                    verdict.action == Action.TCP_ONLY and req.responder.transport == "tcp"):
                 self._apply(req, verdict, query_time=not policy.client_dependent)
                 return
+            # PASSTHRU, LOG_ONLY, TCP-ONLY over TCP: on to the normal answer
         # 7. special qtypes and classes
         if query.qtype == wire.TYPE_ANY:
             self._reply(req, synth.any_answer(query), "local")
@@ -375,6 +379,11 @@ class Pipeline:
     # --- walled gardens: Local-Data CNAME, target resolved without policy ------------
 
     def _chase(self, req: Request, verdict: Verdict) -> None:
+        if self.pending >= self.settings.max_in_flight:  # 5. shed, as for cache misses
+            self.stats.shed["in-flight"] += 1
+            self._reply(req, wire.error_response(req.query.data, wire.REFUSED, req.query),
+                        "shed")
+            return
         target = synth.cname_target(req.query, verdict)
         assert target is not None
         question = target[0] + wire.TYPE_CLASS.pack(req.query.qtype, req.query.qclass)
