@@ -259,10 +259,16 @@ class ManagedProcess:
             return ""
 
 
-def reap_all() -> list[str]:
-    """Kill every harness process still running. Returns descriptions of them."""
+def live_processes() -> list[ManagedProcess]:
     with _LIVE_LOCK:
-        live = list(_LIVE)
+        return list(_LIVE)
+
+
+def reap_all(spare: Iterable[ManagedProcess] = ()) -> list[str]:
+    """Kill every harness process still running (but ``spare``). Returns descriptions."""
+    keep = {id(p) for p in spare}
+    with _LIVE_LOCK:
+        live = [p for p in _LIVE if id(p) not in keep]
     left = []
     for p in live:
         if p.running():

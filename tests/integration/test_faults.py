@@ -5,13 +5,11 @@ a flood of garbage, and signals (SIGTERM, SIGINT, SIGHUP)."""
 from __future__ import annotations
 
 import random
-import re
 import signal
 import socket
 import struct
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import dns.rcode
 import pytest
 from dnslib import QTYPE, RR, A, DNSQuestion, DNSRecord
 from harness import FakeUpstream, ReceivedQuery, dns_query, free_port
+from harness.scrape import metric, scrape
 
 pytestmark = pytest.mark.integration
 
@@ -35,23 +34,6 @@ def write_config(tmp_path: Path, text: str, name: str = "moat.toml") -> str:
     path = tmp_path / name
     path.write_text(text)
     return str(path)
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as resp:
-        return resp.read().decode()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{(.*)\})?\s+(\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(m.group(4))
-    return total
 
 
 def timed_query(m: Any, name: str, rdtype: str = "A", **kw: Any

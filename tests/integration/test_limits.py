@@ -11,20 +11,18 @@ rebinding: test_protection.py.
 
 from __future__ import annotations
 
-import re
 import select
 import socket
 import struct
 import textwrap
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import dns.message
 import dns.rcode
 import pytest
 from harness import FakeUpstream, free_port
+from harness.scrape import metric, scrape
 
 pytestmark = pytest.mark.integration
 
@@ -38,33 +36,6 @@ def write_config(tmp_path: Path, text: str) -> str:
     path = tmp_path / "moat.toml"
     path.write_text(textwrap.dedent(text))
     return str(path)
-
-
-def scrape(port: int) -> str:
-    """moat's /metrics. Retried for a moment: the metrics listener opens just after the
-    DNS listeners, so right after start-up it may not be there yet."""
-    deadline = time.monotonic() + 5
-    for _ in range(100):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as resp:
-                return resp.read().decode()
-        except (urllib.error.URLError, ConnectionError):
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.05)
-    raise AssertionError("unreachable")
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{(.*)\})?\s+(\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(m.group(4))
-    return total
 
 
 def shed(mport: int, reason: str) -> float:

@@ -14,7 +14,6 @@ Malformed upstream answers (garbage, wrong ID, wrong question, truncation): test
 from __future__ import annotations
 
 import json
-import re
 import socket
 import statistics
 import struct
@@ -22,8 +21,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +29,7 @@ import dns.query
 import dns.rcode
 import pytest
 from harness import NsdServer, free_port, free_port_on, require_binary
+from harness.scrape import metric, scrape
 
 pytestmark = pytest.mark.integration
 
@@ -44,34 +42,6 @@ def write_config(tmp_path: Path, text: str, name: str = "moat.toml") -> str:
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
     return str(path)
-
-
-def scrape(port: int) -> str:
-    """moat's /metrics. Retried for a moment: the metrics listener opens just after the
-    DNS listeners, so right after start-up it may not be there yet."""
-    deadline = time.monotonic() + 5
-    for _ in range(100):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as resp:
-                return resp.read().decode()
-        except (urllib.error.URLError, ConnectionError):
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.05)
-    raise AssertionError("unreachable")
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels`` (0 if none)."""
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{(.*)\})?\s+(\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(m.group(4))
-    return total
 
 
 def shed(mport: int) -> dict[str, float]:

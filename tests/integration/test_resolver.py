@@ -15,7 +15,6 @@ import socket
 import struct
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import dns.rdatatype
 import pytest
 from dnslib import RCODE, RR, DNSRecord
 from harness import FakeUpstream, MoatProcess, ReceivedQuery, free_port, free_port_on
+from harness.scrape import metric, scrape
 
 pytestmark = pytest.mark.integration
 
@@ -86,26 +86,6 @@ def query_wire(name: str, rdtype: str = "A", qid: int | None = None, **kw: objec
     if qid is not None:
         m.id = qid
     return m.to_wire()
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as resp:
-        return resp.read().decode()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels`` (0 if none)."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{(.*)\})?\s+(\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(m.group(4))
-    return total
 
 
 def rrsets(section: list) -> set[tuple[str, int, frozenset[str]]]:

@@ -15,8 +15,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +37,10 @@ from harness import (  # noqa: E402
     free_port,
     make_zone,
 )
+from harness.scrape import metric, scrape  # noqa: E402
 
-__all__ = ["EXAMPLE_ZONE", "MoatProcess", "NsdServer", "make_zone"]  # re-exported
+# re-exported for the scripts
+__all__ = ["EXAMPLE_ZONE", "MoatProcess", "NsdServer", "make_zone", "metric", "scrape"]
 
 HDR = struct.Struct("!HHHHHH")
 RPZ_SOA = ("$TTL 300\n@ SOA ns.rpz.test. hostmaster.rpz.test. 1 3600 600 86400 60\n"
@@ -110,33 +110,6 @@ class RssSampler:
             if when >= t:
                 return kb
         return self.samples[-1][1] if self.samples else 0
-
-
-def scrape(metrics: str) -> str:
-    """moat's /metrics, retried for up to 5 s (it opens just after the DNS listeners)."""
-    deadline = time.monotonic() + 5
-    for _ in range(100):
-        try:
-            with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as resp:
-                return resp.read().decode()
-        except (urllib.error.URLError, ConnectionError):
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.05)
-    raise AssertionError("unreachable")
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{(.*)\})?\s+(\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(m.group(4))
-    return total
 
 
 def by_label(text: str, name: str, label: str) -> dict[str, float]:
