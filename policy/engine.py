@@ -73,6 +73,9 @@ class SourceInfo:
 
 
 SPARSE_STEP = 64
+# Enum members as plain names: attribute access on an enum class costs on a hot path.
+_LOG_ONLY, _PASSTHRU, _DEFAULT = Action.LOG_ONLY, Action.PASSTHRU, Action.DEFAULT
+_LOCAL_DATA = Action.LOCAL_DATA
 
 
 def read_rule_line(src: SourceInfo, line: int) -> str:
@@ -335,6 +338,7 @@ class Policy:
         self.client_dependent = bool(self.client_ip) or self.conditional.client_dependent
         self._enforcing = tuple(not s.log_only for s in self.sources)
         self.index_file = ""  # the mapped file, when built by build_in_child
+        self._names_only = not (self.client_ip or self.conditional or self.patterns)
 
     def __len__(self) -> int:
         return len(self.index) + self.client_ip.count + self.response_ip.count + \
@@ -343,6 +347,18 @@ class Policy:
     # --- the two questions the resolver asks ---------------------------------------
 
     def check_query(self, qname: str, qtype: int, client: str) -> Verdict | None:
+        if self._names_only:
+            # The common policy (lists and RPZ zones without client-IP, patterns or
+            # qtype/client-limited rules), with at most one rule covering the name:
+            # no candidates to rank.
+            hits = self.index.hits(qname)
+            if hits is None:
+                return None
+            if len(hits) == 1:
+                meta, depth, rule_name = hits[0]
+                return self._verdict(meta & 0xFF, ("name", meta, depth, qname, rule_name))
+            return self._decide([(m & 0xFF, 1 + d, ("name", m, d, qname, r))
+                                 for m, d, r in hits])
         candidates: list[tuple[int, int, Any]] = []  # (position, rank, thunk-args)
         if self.client_ip:
             hit = self.client_ip.lookup(client)
@@ -421,7 +437,7 @@ class Policy:
             fallback = rule_name if scope == 1 else (
                 f"*.{rule_name}" if scope == 2 else f"{rule_name} (and below)")
             rule: Any = RuleText(src, line, fallback)
-            if rule_action == Action.LOCAL_DATA:
+            if rule_action is _LOCAL_DATA:
                 local = self.local_data.get((position, line), ())
         elif kind == "ip":
             _, iprule, matched = args
@@ -450,12 +466,12 @@ class Policy:
     @staticmethod
     def _effective(src: SourceInfo, rule_action: Action) -> Action:
         if src.log_only:
-            return Action.LOG_ONLY
-        if rule_action == Action.PASSTHRU:
-            return Action.PASSTHRU
+            return _LOG_ONLY
+        if rule_action is _PASSTHRU:
+            return _PASSTHRU
         if src.override is not None:
             return src.override
-        if rule_action == Action.DEFAULT:
+        if rule_action is _DEFAULT:
             return src.default_action
         return rule_action
 

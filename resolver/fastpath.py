@@ -58,21 +58,32 @@ _KEY_SUFFIX = (b"\x00", b"\x01", b"\x02", b"\x03")  # DO | CD << 1, as in wire.p
 _FIRST_BUCKET = 0.0001  # stats.DURATION_BUCKETS[0]
 _SYNTH_OK = (Action.NXDOMAIN, Action.NODATA, Action.SINKHOLE)
 _MEMO_LIMIT = 50000
+#: Bytes a name may hold and still be printed as it is (no escapes in wire_name_to_text).
+_PLAIN_NAME_BYTES = bytes(range(0x21, 0x7F)).translate(None, b'.\\"();@$') + b"."
 
 
-def _well_formed(data: bytes, zero: int) -> bool:
-    """The question name at offset 12 is plain labels (<= 63 octets, no compression)
-    ending exactly at ``zero``, at most 255 octets: what wire.parse_query accepts. Needed
-    before this module trusts bytes that no earlier parse has vouched for."""
+def _question_name(data: bytes, zero: int) -> str | None:
+    """The question name at offset 12 as text (lower case), if it is plain labels
+    (<= 63 octets, no compression) ending exactly at ``zero``, at most 255 octets, and
+    needs no escaping: what wire.parse_query accepts and wire_name_to_text gives. None
+    otherwise (the pipeline deals with it). Needed before this module trusts bytes that
+    no earlier parse has vouched for."""
     if zero - 12 + 1 > 255:
-        return False
+        return None
+    labels = []
     i = 12
     while i < zero:
         length = data[i]
         if length > 63 or length == 0:
-            return False
+            return None
+        labels.append(data[i + 1:i + 1 + length])
         i += length + 1
-    return i == zero
+    if i != zero:
+        return None
+    name = b".".join(labels)
+    if name.translate(None, _PLAIN_NAME_BYTES) or name.count(b".") != len(labels) - 1:
+        return None  # characters that would need escaping, or a dot inside a label
+    return name.decode("ascii").lower()
 
 
 class FastPath:
@@ -168,10 +179,10 @@ class FastPath:
         verdict = self.memo.get(key, False)
         if verdict is False:  # a question not seen under this policy: check it now
             policy = self.p.holder.policy
-            if policy.client_dependent or not _well_formed(data, qend - 5):
+            name = None if policy.client_dependent else _question_name(data, qend - 5)
+            if name is None:
                 return False
-            verdict = policy.check_query(wire.wire_name_to_text(key[:qend - 16]),
-                                         data[qend - 4] << 8 | data[qend - 3], host)
+            verdict = policy.check_query(name, data[qend - 4] << 8 | data[qend - 3], host)
             memo = self.memo
             if len(memo) >= MEMO_LIMIT:
                 evict_oldest(memo)
