@@ -310,6 +310,21 @@ def _same_file(path: Path, size: int, digest: str) -> bool:
         return False
 
 
+async def wait_for_first_copies(first: dict[str, asyncio.Task[Any]], timeout: float,
+                                noun: str, verb: str) -> None:
+    """Start-up: wait (bounded) for the sources that have no copy on disk yet; the others
+    never make moat wait. Shared by feeds and zone transfers."""
+    if not first:
+        return
+    log.info("%s %d %s(s) with no local copy yet: %s (waiting up to %.0fs)", verb,
+             len(first), noun, ", ".join(first), timeout)
+    _, pending = await asyncio.wait(first.values(), timeout=timeout)
+    for name, task in first.items():
+        if task in pending:
+            log.warning("%s %s: no copy after %.0fs; moat starts without it and keeps trying",
+                        noun, name, timeout)
+
+
 class FeedManager:
     """Downloads the ``url`` sources into ``<state_dir>/feeds`` and keeps them fresh."""
 
@@ -380,14 +395,7 @@ class FeedManager:
                                                  name=f"feed-initial-{f.src.name}")
                  for f in missing}
         self._initial.update(first.values())
-        if first:
-            log.info("downloading %d feed(s) with no local copy yet: %s (waiting up to %.0fs)",
-                     len(first), ", ".join(first), initial_timeout)
-            _, pending = await asyncio.wait(first.values(), timeout=initial_timeout)
-            for name, task in first.items():
-                if task in pending:
-                    log.warning("feed %s: no copy after %.0fs; moat starts without it and "
-                                "keeps trying", name, initial_timeout)
+        await wait_for_first_copies(first, initial_timeout, "feed", "downloading")
         self._started = True
         for name, feed in self.feeds.items():
             feed.task = asyncio.create_task(self._loop(name, first.get(name)),

@@ -80,6 +80,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from policy.settings import SourceSettings
 
 from .config import parse_hostport
+from .feeds import wait_for_first_copies
 
 log = logging.getLogger("moat.xfr")
 
@@ -265,14 +266,7 @@ class ZoneTransfers:
         first = {name: asyncio.create_task(self.refresh(name), name=f"xfr-initial-{name}")
                  for name in self.zones if not self.zone_path(name).is_file()}
         self._initial.update(first.values())
-        if first:
-            log.info("transferring %d zone(s) with no local copy yet: %s (waiting up to %.0fs)",
-                     len(first), ", ".join(first), initial_timeout)
-            _, pending = await asyncio.wait(first.values(), timeout=initial_timeout)
-            for name, task in first.items():
-                if task in pending:
-                    log.warning("zone source %s: no copy after %.0fs; moat starts without it "
-                                "and keeps trying", name, initial_timeout)
+        await wait_for_first_copies(first, initial_timeout, "zone", "transferring")
         self._started = True
         for name, z in self.zones.items():
             z.task = asyncio.create_task(self._loop(name, first.get(name)), name=f"xfr-{name}")
