@@ -474,22 +474,3 @@ class Policy:
         if rule_action is _DEFAULT:
             return src.default_action
         return rule_action
-
-    # --- introspection -------------------------------------------------------------
-
-    def rules_by_source(self) -> dict[str, int]:
-        counts = {s.name: 0 for s in self.sources}
-        meta = self.index.meta
-        if len(meta):
-            import numpy as np
-
-            arr = np.frombuffer(meta, dtype=np.uint64) & np.uint64(0xFF)
-            for position, n in zip(*np.unique(arr, return_counts=True), strict=True):
-                counts[self.sources[int(position)].name] += int(n)
-        for position, _ in self.parts.ip_rules:
-            counts[self.sources[position].name] += 1
-        for position, _ in self.parts.patterns:
-            counts[self.sources[position].name] += 1
-        for position, _ in self.parts.conditional:
-            counts[self.sources[position].name] += 1
-        return counts

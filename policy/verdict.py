@@ -36,9 +36,3 @@ class Verdict(NamedTuple):
     def blocks(self) -> bool:
         """True when the client does not get the normal answer."""
         return self.action not in (Action.PASSTHRU, Action.LOG_ONLY, Action.TCP_ONLY)
-
-    def describe(self) -> str:
-        fam = f" family={self.family}" if self.family else ""
-        return (f"{self.action.label} by {self.source} ({self.category}{fam}) "
-                f"trigger={self.trigger.value} matched={self.matched} rule={str(self.rule)!r} "
-                f"at {self.where} policy-version={self.policy_version}")

@@ -170,13 +170,8 @@ class App:
                 return None
             self.holder.swap(policy)  # queries from now on see the new policy
             self.policy_loaded = True
-            self.last_reload = time.time()
             self.last_report = report
-            # Counted by the build process (no big temporary arrays in the server).
-            self.policy_rule_counts = [(s.name, s.category, s.rules) for s in report.sources]
-            result = "ok" if report.ok else "partial"
-            self.reloads[result] += 1
-            log_report(report, reason, time.perf_counter() - t0)
+            record_build(self, report, reason, time.perf_counter() - t0)
             return report
 
     def _drop_privileges(self) -> None:
@@ -184,24 +179,15 @@ class App:
 
     # --- sources that come over the network (feeds by URL, zones by AXFR/IXFR) --------
 
-    #: At the very first start, how long to wait for sources with no copy on disk yet.
-    INITIAL_FETCH_TIMEOUT = 20.0
-
     async def _start_sources(self) -> None:
-        sources = all_sources(self.config.policy, self.extra_rpz)
-        upstreams = [(u.host, u.port) for u in self.upstreams.upstreams]
-        starts = []
-        if any(s.url for s in sources):
-            self.feeds = FeedManager(sources, self.state_dir, upstreams, self._source_changed)
+        self.feeds, self.zones = await start_network_sources(
+            all_sources(self.config.policy, self.extra_rpz), self.state_dir,
+            [(u.host, u.port) for u in self.upstreams.upstreams], self._source_changed)
+        if self.feeds is not None:
             self._extra_collectors.append(self.feeds.collect)
-            starts.append(self.feeds.start(self.INITIAL_FETCH_TIMEOUT))
-        if any(s.zone and s.primary for s in sources):
-            self.zones = ZoneTransfers(sources, self.state_dir, self._source_changed)
+        if self.zones is not None:
             self._extra_collectors.append(self.zones.collect)
             self.pipeline.notify_handler = self.zones.handle_notify
-            starts.append(self.zones.start(self.INITIAL_FETCH_TIMEOUT))
-        if starts:
-            await asyncio.gather(*starts)
 
     async def _source_changed(self, name: str) -> None:
         """A new copy of a feed or zone: rebuild; changes within 0.5 s share one rebuild."""
@@ -401,6 +387,28 @@ class App:
         log.info("stopped")
 
 
+#: At the very first start, how long to wait for sources with no copy on disk yet.
+INITIAL_FETCH_TIMEOUT = 20.0
+
+
+async def start_network_sources(sources: list[Any], state_dir: str,
+                                upstreams: list[tuple[str, int]], on_change: Any
+                                ) -> tuple[FeedManager | None, ZoneTransfers | None]:
+    """Feeds by URL and zones by transfer, if any source has them; returns once the ones
+    with a copy on disk are scheduled and the others had INITIAL_FETCH_TIMEOUT to arrive."""
+    feeds = zones = None
+    starts = []
+    if any(s.url for s in sources):
+        feeds = FeedManager(sources, state_dir, upstreams, on_change)
+        starts.append(feeds.start(INITIAL_FETCH_TIMEOUT))
+    if any(s.zone and s.primary for s in sources):
+        zones = ZoneTransfers(sources, state_dir, on_change)
+        starts.append(zones.start(INITIAL_FETCH_TIMEOUT))
+    if starts:
+        await asyncio.gather(*starts)
+    return feeds, zones
+
+
 def drop_privileges(wanted: str, state_dir: str) -> None:
     """When root: switch to ``wanted`` (default moat, else nobody), keeping the state
     directory writable for it. "root" keeps root."""
@@ -435,6 +443,15 @@ def drop_privileges(wanted: str, state_dir: str) -> None:
         return
     raise SystemExit(f"moat: started as root and no user to drop to "
                      f"(tried {', '.join(candidates)}); set server.user")
+
+
+def record_build(owner: Any, report: BuildReport, reason: str, seconds: float) -> None:
+    """A policy was built: the owner's (App or Supervisor) figures for metrics, and the log.
+    Rules are counted by the build process (no big temporary arrays in the server)."""
+    owner.last_reload = time.time()
+    owner.policy_rule_counts = [(s.name, s.category, s.rules) for s in report.sources]
+    owner.reloads["ok" if report.ok else "partial"] += 1
+    log_report(report, reason, seconds)
 
 
 def log_report(report: BuildReport, reason: str, seconds: float) -> None:

@@ -49,13 +49,13 @@ from . import wire
 from .cache import _OPT, _OPT_DO
 from .pipeline_memo import MEMO_LIMIT, evict_oldest
 from .ratelimit import ADMIT
-from .stats import QTYPE_LABELS
+from .stats import DURATION_BUCKETS, QTYPE_LABELS
 
 _TAIL = struct.Struct("!HHHHH")  # flags, qd, an, ns, ar
 _PLAIN_QUERY = b"\x00\x01\x00\x00\x00\x00\x00\x00"
 _EDNS_QUERY = b"\x00\x01\x00\x00\x00\x00\x00\x01"
 _KEY_SUFFIX = (b"\x00", b"\x01", b"\x02", b"\x03")  # DO | CD << 1, as in wire.parse_query
-_FIRST_BUCKET = 0.0001  # stats.DURATION_BUCKETS[0]
+_FIRST_BUCKET = DURATION_BUCKETS[0]
 _SYNTH_OK = (Action.NXDOMAIN, Action.NODATA, Action.SINKHOLE)
 _MEMO_LIMIT = 50000
 #: Bytes a name may hold and still be printed as it is (no escapes in wire_name_to_text).
@@ -210,6 +210,11 @@ class FastPath:
             return False  # the pipeline truncates
         listener._t.sendto(answer, addr)
         self.counts[entry.count_key] += 1
+        self._done(host, t0)
+        return True
+
+    def _done(self, host: str, t0: float) -> None:
+        """After an answer: the client was active; the time it took (folded counters)."""
         active = self.p.clients.active
         if host in active:
             active[host] = t0
@@ -221,7 +226,6 @@ class FastPath:
             self.quick_sum += elapsed
         else:
             self.p.stats.observe_duration(elapsed)
-        return True
 
     def _build(self, entry: Any, now: float, flags_bytes: bytes, edns: bool,
                question: bytes, do: int) -> bytes:
@@ -256,15 +260,9 @@ class FastPath:
         p.stats.responses[(rcode, "policy")] += 1
         p.stats.policy_hits[(v.category, v.family, v.action.label, v.source)] += 1
         host = addr[0]
-        p.clients.seen(host, t0)
         p.clients.threat(v.category, host, t0)
         if p.querylog.enabled:
             p.querylog.record(host, addr[1], "udp", wire.wire_name_to_text(
                 data[12:qend - 4].lower()), qtype, v, rcode, "policy", perf_counter() - t0)
-        elapsed = perf_counter() - t0
-        if elapsed < _FIRST_BUCKET:
-            self.quick += 1
-            self.quick_sum += elapsed
-        else:
-            p.stats.observe_duration(elapsed)
+        self._done(host, t0)
         return True

@@ -119,10 +119,6 @@ class Query:
         return self.data[12:self.qend]
 
     @property
-    def rd(self) -> bool:
-        return bool(self.flags & RD)
-
-    @property
     def cd(self) -> bool:
         return bool(self.flags & CD)
 
@@ -415,9 +411,6 @@ class Message:
     @property
     def truncated(self) -> bool:
         return bool(self.flags & TC)
-
-    def section(self, n: int) -> list[Record]:
-        return [r for r in self.records if r.section == n]
 
 
 def parse_message(data: bytes) -> Message:

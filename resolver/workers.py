@@ -42,7 +42,6 @@ from .config import Config, ConfigError
 log = logging.getLogger("moat.workers")
 _LEN = struct.Struct("!I")
 SNAPSHOT_INTERVAL = 1.0
-INITIAL_FETCH_TIMEOUT = 20.0
 
 
 def _send(sock: socket.socket, message: Any) -> None:
@@ -121,17 +120,13 @@ class Supervisor:
                       self.version, exc)
             self.version -= 1
             return None
-        from .app import log_report
+        from .app import record_build
 
-        log_report(report, "build", report.seconds)
-        old = self.policy_path
+        record_build(self, report, "build", report.seconds)
         # Keep the index file's name until every worker maps the new one (and for
         # workers restarted later).
+        self._retired = self.policy_path
         self.policy_path = policy.index_file
-        self.policy_rule_counts = [(s.name, s.category, s.rules) for s in report.sources]
-        self.reloads["ok" if report.ok else "partial"] += 1
-        self.last_reload = time.time()
-        self._retired = old
         return report
 
     # --- processes -----------------------------------------------------------------
@@ -166,21 +161,13 @@ class Supervisor:
 
     async def _start_sources(self) -> None:
         """Feeds by URL and zones by transfer live here, in the supervisor."""
-        from .feeds import FeedManager
+        from .app import start_network_sources
         from .upstream import Upstream
-        from .xfr import ZoneTransfers
 
-        sources = all_sources(self.config.policy, self.extra_rpz)
-        upstreams = [(Upstream(h, p).host, p) for h, p in self.config.upstream.servers]
-        starts = []
-        if any(s.url for s in sources):
-            self.feeds = FeedManager(sources, self.state_dir, upstreams, self._source_changed)
-            starts.append(self.feeds.start(INITIAL_FETCH_TIMEOUT))
-        if any(s.zone and s.primary for s in sources):
-            self.zones = ZoneTransfers(sources, self.state_dir, self._source_changed)
-            starts.append(self.zones.start(INITIAL_FETCH_TIMEOUT))
-        if starts:
-            await asyncio.gather(*starts)
+        self.feeds, self.zones = await start_network_sources(
+            all_sources(self.config.policy, self.extra_rpz), self.state_dir,
+            [(Upstream(h, p).host, p) for h, p in self.config.upstream.servers],
+            self._source_changed)
 
     async def _source_changed(self, name: str) -> None:
         log.info("new copy of %s", name)

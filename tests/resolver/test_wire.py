@@ -58,7 +58,7 @@ def test_parse_query_reads_header_question_and_key() -> None:
     data = make_query("WwW.Example.TEST", "AAAA", qid=0xBEEF, use_edns=False)
     q = wire.parse_query(data)
     assert q.id == 0xBEEF
-    assert q.rd and not q.cd
+    assert q.flags & wire.RD and not q.cd
     assert q.qtype == 28 and q.qclass == 1
     assert q.qname == "www.example.test"  # lower case, no trailing dot
     assert q.question == data[12:]  # the client's case is kept for echoing
