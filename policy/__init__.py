@@ -26,6 +26,11 @@ class PolicyView(Protocol):
 
     def check_query(self, qname: str, qtype: int, client: str) -> Verdict | None: ...
 
+    def check_query_ref(self, qname: str, qtype: int, client: str
+                        ) -> Verdict | int | None: ...
+
+    def verdict_of(self, ref: int, qname: str) -> Verdict: ...
+
     def check_answer(self, names: Sequence[str], addresses: Sequence[str], qtype: int,
                      client: str) -> Verdict | None: ...
 
@@ -38,6 +43,12 @@ class EmptyPolicy:
 
     def check_query(self, qname: str, qtype: int, client: str) -> Verdict | None:
         return None
+
+    def check_query_ref(self, qname: str, qtype: int, client: str) -> Verdict | int | None:
+        return None
+
+    def verdict_of(self, ref: int, qname: str) -> Verdict:
+        raise LookupError("the empty policy hands out no references")
 
     def check_answer(self, names: Sequence[str], addresses: Sequence[str], qtype: int,
                      client: str) -> Verdict | None:

@@ -76,6 +76,18 @@ SPARSE_STEP = 64
 # Enum members as plain names: attribute access on an enum class costs on a hot path.
 _LOG_ONLY, _PASSTHRU, _DEFAULT = Action.LOG_ONLY, Action.PASSTHRU, Action.DEFAULT
 _LOCAL_DATA = Action.LOCAL_DATA
+_QNAME, _WILDCARD = Trigger.QNAME, Trigger.WILDCARD
+#: Builds a Verdict from a tuple in field order without the keyword-parsing __new__.
+_new_verdict = tuple.__new__
+
+# A verdict reference (Policy.check_query_ref): the index's meta word of the rule
+# (policy/index.py) with the match depth in its free bits 26-31.
+REF_DEPTH_SHIFT = 26
+REF_MAX_DEPTH = 63
+REF_DEPTH_MASK = REF_MAX_DEPTH << REF_DEPTH_SHIFT
+#: The bits of a reference that decide the answer (source, action, family), not which
+#: rule or how deep: one synthesised-answer template serves every reference with the same.
+REF_HEAD_MASK = 0xFF | 0xF << ACTION_SHIFT | 0xFFF << FAMILY_SHIFT
 
 
 def read_rule_line(src: SourceInfo, line: int) -> str:
@@ -105,15 +117,30 @@ def read_rule_line(src: SourceInfo, line: int) -> str:
 
 class RuleText:
     """The rule as written, read from the source file only when somebody looks (logs,
-    ``moat check``): the request path never touches the disk."""
+    ``moat check``): the request path never touches the disk, nor formats any text."""
 
-    __slots__ = ("src", "line", "fallback", "_text")
+    __slots__ = ("src", "line", "_fallback", "_text")
 
-    def __init__(self, src: SourceInfo, line: int, fallback: str) -> None:
+    def __init__(self, src: SourceInfo, line: int, fallback: str | tuple[str, int]) -> None:
         self.src = src
         self.line = line
-        self.fallback = fallback
+        #: what to show when the line cannot be read back: the text, or a name rule's
+        #: (name, scope), formatted only when needed
+        self._fallback = fallback
         self._text: str | None = None
+
+    @property
+    def where(self) -> str:
+        """``path:line`` of the rule."""
+        return f"{self.src.location}:{self.line}"
+
+    @property
+    def fallback(self) -> str:
+        fb = self._fallback
+        if isinstance(fb, str):
+            return fb
+        name, scope = fb
+        return name if scope == 1 else (f"*.{name}" if scope == 2 else f"{name} (and below)")
 
     def __str__(self) -> str:
         if self._text is None:
@@ -337,6 +364,9 @@ class Policy:
             self.conditional.add(position, crule)
         self.client_dependent = bool(self.client_ip) or self.conditional.client_dependent
         self._enforcing = tuple(not s.log_only for s in self.sources)
+        #: source position -> effective action by the rule's action number
+        self._effective_actions = tuple(tuple(self._effective(src, a) for a in ACTIONS)
+                                        for src in self.sources)
         self.index_file = ""  # the mapped file, when built by build_in_child
         self._names_only = not (self.client_ip or self.conditional or self.patterns)
 
@@ -356,7 +386,7 @@ class Policy:
                 return None
             if len(hits) == 1:
                 meta, depth, rule_name = hits[0]
-                return self._verdict(meta & 0xFF, ("name", meta, depth, qname, rule_name))
+                return self._name_verdict(meta & 0xFF, meta, depth, qname, rule_name)
             return self._decide([(m & 0xFF, 1 + d, ("name", m, d, qname, r))
                                  for m, d, r in hits])
         candidates: list[tuple[int, int, Any]] = []  # (position, rank, thunk-args)
@@ -380,6 +410,29 @@ class Policy:
         if not candidates:
             return None
         return self._decide(candidates)
+
+    def check_query_ref(self, qname: str, qtype: int, client: str) -> Verdict | int | None:
+        """``check_query``, but the common verdict (one name rule covers the name) comes
+        as a compact reference, an int that ``verdict_of`` expands. What the resolver's
+        memo keeps per blocked name: ~36 bytes, no objects for the garbage collector,
+        instead of ~450 bytes of Verdict, rule and name (51 MB for 100k names)."""
+        if self._names_only:
+            hits = self.index.hits(qname)
+            if hits is None:
+                return None
+            if len(hits) == 1 and hits[0][1] <= REF_MAX_DEPTH:
+                meta, depth, _ = hits[0]
+                return meta | depth << REF_DEPTH_SHIFT
+        return self.check_query(qname, qtype, client)
+
+    def verdict_of(self, ref: int, qname: str) -> Verdict:
+        """The Verdict a reference from ``check_query_ref`` stands for (``qname``: the
+        name it was made for)."""
+        depth = (ref >> REF_DEPTH_SHIFT) & REF_MAX_DEPTH
+        rule_name = qname
+        for _ in range(depth):
+            rule_name = rule_name[rule_name.find(".") + 1:]
+        return self._name_verdict(ref & 0xFF, ref & ~REF_DEPTH_MASK, depth, qname, rule_name)
 
     def check_answer(self, names: Sequence[str], addresses: Sequence[str], qtype: int,
                      client: str) -> Verdict | None:
@@ -427,19 +480,8 @@ class Policy:
         local: tuple[LocalRecord, ...] = ()
         if kind == "name":
             _, meta, depth, matched, rule_name = args
-            rule_action = ACTIONS[(meta >> ACTION_SHIFT) & 0xF]
-            fam = (meta >> FAMILY_SHIFT) & 0xFFF
-            if fam:
-                family = self.families[fam]
-            line = meta >> LINE_SHIFT
-            trigger = Trigger.QNAME if depth == 0 else Trigger.WILDCARD
-            scope = (meta >> SCOPE_SHIFT) & 3
-            fallback = rule_name if scope == 1 else (
-                f"*.{rule_name}" if scope == 2 else f"{rule_name} (and below)")
-            rule: Any = RuleText(src, line, fallback)
-            if rule_action is _LOCAL_DATA:
-                local = self.local_data.get((position, line), ())
-        elif kind == "ip":
+            return self._name_verdict(position, meta, depth, matched, rule_name)
+        if kind == "ip":
             _, iprule, matched = args
             rule_action, line = iprule.action, iprule.line
             trigger = iprule.trigger
@@ -458,10 +500,34 @@ class Policy:
             rule = RuleText(src, line, f"{prule.kind} {prule.pattern}")
         action = self._effective(src, rule_action)
         return Verdict(action=action, trigger=trigger, category=src.category, family=family,
-                       source=src.name, rule=rule, where=f"{src.location}:{line}",
-                       matched=matched, policy_version=self.version, ttl=src.ttl,
-                       local_data=local, sinkhole_v4=src.sinkhole_v4,
-                       sinkhole_v6=src.sinkhole_v6, source_index=position)
+                       source=src.name, rule=rule, matched=matched,
+                       policy_version=self.version, ttl=src.ttl, local_data=local,
+                       sinkhole_v4=src.sinkhole_v4, sinkhole_v6=src.sinkhole_v6,
+                       source_index=position)
+
+    def _name_verdict(self, position: int, meta: int, depth: int, matched: str,
+                      rule_name: str) -> Verdict:
+        """A QNAME/wildcard rule's verdict. The common case of a blocked query that is
+        not memoised yet (a list of a million names), so: no keyword arguments, no text
+        formatted, the effective action looked up."""
+        src = self.sources[position]
+        rule_action = (meta >> ACTION_SHIFT) & 0xF
+        fam = (meta >> FAMILY_SHIFT) & 0xFFF
+        line = meta >> LINE_SHIFT
+        return _new_verdict(Verdict, (
+            self._effective_actions[position][rule_action],
+            _QNAME if depth == 0 else _WILDCARD,
+            src.category,
+            self.families[fam] if fam else src.family,
+            src.name,
+            RuleText(src, line, (rule_name, (meta >> SCOPE_SHIFT) & 3)),
+            matched,
+            self.version,
+            src.ttl,
+            self.local_data.get((position, line), ()) if rule_action == _LOCAL_DATA else (),
+            src.sinkhole_v4,
+            src.sinkhole_v6,
+            position))
 
     @staticmethod
     def _effective(src: SourceInfo, rule_action: Action) -> Action:

@@ -5,7 +5,8 @@ Layout (three flat arrays, sorted together by key):
 * ``keys``  uint64 — ``hash(name) & (2**64 - 1)`` of each rule's normalised name;
 * ``meta``  uint64 — what the rule is, packed: bits 0-7 source position, 8-9 scope
   (1 = the name itself, 2 = names below it), 10-13 action, 14-25 family number,
-  32-63 line number in the source;
+  32-63 line number in the source (26-31 are free: a verdict reference,
+  policy/engine.py, keeps the match depth there);
 * ``dir``   uint32 — 2**k + 1 bucket starts: the entries whose key's top k bits equal
   b are ``dir[b]:dir[b+1]`` (k ~ log2(n), so a bucket holds one entry on average).
 

@@ -23,7 +23,6 @@ class Verdict(NamedTuple):
     family: str  # QSnatch, Emotet, ... or "" (bounded: from config and feeds)
     source: str  # the source's configured name
     rule: object  # the rule as written: str(rule) (read from the source file lazily)
-    where: str  # "path:line" of the rule
     matched: str  # what triggered: the name, CNAME target, address or client address
     policy_version: int
     ttl: int = 60  # TTL of synthesised records
@@ -31,6 +30,11 @@ class Verdict(NamedTuple):
     sinkhole_v4: tuple[str, ...] = ("0.0.0.0",)
     sinkhole_v6: tuple[str, ...] = ("::",)
     source_index: int = 0  # precedence position of the source (lower wins)
+
+    @property
+    def where(self) -> str:
+        """``path:line`` of the rule; "builtin" for moat's own rules (rebinding)."""
+        return getattr(self.rule, "where", "builtin")
 
     @property
     def blocks(self) -> bool:

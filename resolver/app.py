@@ -133,7 +133,7 @@ class App:
                           for u in self.upstreams.upstreams],
             "ignored": (self.upstreams.mismatched, self.upstreams.malformed),
             "ignored_by": {u.label: u.ignored for u in self.upstreams.upstreams},
-            "fast": (dict(fast.counts), fast.quick, fast.quick_sum),
+            "fast": (dict(fast.counts), fast.quick, fast.quick_sum, dict(fast.synth_counts)),
             "tcp": (tcp.refused, tcp.timed_out) if tcp is not None else (0, 0),
             "clients": (dict(self.clients.active),
                         {c: dict(d) for c, d in self.clients.by_category.items()}),

@@ -32,8 +32,14 @@ flags and question bytes, so a hit is a few comparisons, two dict lookups, one
 concatenation and a send.
 
 Counting is folded: ``counts[qtype * 16 + rcode]`` stands for queries_total,
-responses_total and cache_hits_total together, and ``quick``/``quick_sum`` for the
-first request-duration bucket; the metrics collector unfolds them.
+responses_total and cache_hits_total together, ``synth_counts`` (keyed by a tuple kept on
+each template) for queries_total, responses_total and policy_hits_total of synthesised
+answers, and ``quick``/``quick_sum`` for the first request-duration bucket; the metrics
+collector unfolds them.
+
+Blocked names are memoised as the policy's compact references (ints, see
+Policy.check_query_ref) where it gives one: the fast path needs only the template, found
+by the reference's "head" bits, and expands a reference into a Verdict only to log it.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import struct
 from time import monotonic, perf_counter
 from typing import Any
 
+from policy.engine import REF_HEAD_MASK
 from policy.rules import Action
 
 from . import wire
@@ -94,12 +101,17 @@ class FastPath:
         self.memo: dict[bytes, Any] = pipeline._memo
         self.version = -1
         self.index: dict[bytes, Any] = pipeline.cache.index
-        #: (source, family, action, qtype, flags, edns, do) -> the synthesised answer's
-        #: header after the ID and everything after the question: NXDOMAIN, NODATA and
-        #: SINKHOLE answers depend on the name only through the question section.
-        self.templates: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+        #: (source, family, action, qtype, flags, edns, do), or for a verdict reference
+        #: (reference & REF_HEAD_MASK, qtype, flags, edns, do) -> the synthesised answer's
+        #: header after the ID, everything after the question, the category, and the key
+        #: of synth_counts. NXDOMAIN, NODATA and SINKHOLE answers depend on the name only
+        #: through the question section.
+        self.templates: dict[tuple[Any, ...], tuple[bytes, bytes, str, tuple[Any, ...]]] = {}
         #: qtype * 16 + rcode -> answers from the cache
         self.counts: collections.defaultdict[int, int] = collections.defaultdict(int)
+        #: (category, family, action, source, qtype, rcode) -> synthesised answers
+        self.synth_counts: collections.defaultdict[tuple[Any, ...], int] = \
+            collections.defaultdict(int)
         #: answers that took less than the first histogram bucket, and their total time
         self.quick = 0
         self.quick_sum = 0.0
@@ -125,9 +137,12 @@ class FastPath:
         if verdict.action not in _SYNTH_OK or len(answer) > 512 or \
                 verdict.policy_version != self.version or len(self.templates) > _MEMO_LIMIT:
             return
-        key = (verdict.source_index, verdict.family, verdict.action, query.qtype,
+        qtype = query.qtype
+        key = (verdict.source_index, verdict.family, verdict.action, qtype,
                query.data[2:4], query.edns, query.do)
-        self.templates[key] = (answer[2:12], answer[query.qend:])
+        count_key = (verdict.category, verdict.family, verdict.action.label, verdict.source,
+                     qtype if qtype in QTYPE_LABELS else 0, answer[3] & 0x0F)
+        self.templates[key] = (answer[2:12], answer[query.qend:], verdict.category, count_key)
 
     # --- the fast path --------------------------------------------------------------
 
@@ -182,7 +197,7 @@ class FastPath:
             name = None if policy.client_dependent else _question_name(data, qend - 5)
             if name is None:
                 return False
-            verdict = policy.check_query(name, data[qend - 4] << 8 | data[qend - 3], host)
+            verdict = policy.check_query_ref(name, data[qend - 4] << 8 | data[qend - 3], host)
             memo = self.memo
             if len(memo) >= MEMO_LIMIT:
                 evict_oldest(memo)
@@ -246,23 +261,43 @@ class FastPath:
 
     def _synthesised(self, data: bytes, addr: Any, transport: Any, v: Any, edns: bool,
                      do: int, qend: int, t0: float) -> bool:
+        """Answer a blocked name from its template (``v``: a Verdict or a reference)."""
         qtype = data[qend - 4] << 8 | data[qend - 3]
-        template = self.templates.get((v.source_index, v.family, v.action, qtype, data[2:4],
-                                       edns, bool(do)))
+        flags = data[2:4]
+        if v.__class__ is int:
+            template = self.templates.get((v & REF_HEAD_MASK, qtype, flags, edns, do != 0))
+            if template is None:
+                template = self._template_for_ref(v, data, qend, qtype, flags, edns, do != 0)
+        else:
+            template = self.templates.get((v.source_index, v.family, v.action, qtype, flags,
+                                           edns, do != 0))
         if template is None:
             return False
-        header, tail = template
-        answer = data[:2] + header + data[12:qend] + tail
-        transport.sendto(answer, addr)
+        header, tail, category, count_key = template
+        transport.sendto(data[:2] + header + data[12:qend] + tail, addr)
+        self.synth_counts[count_key] += 1
         p = self.p
-        rcode = header[1] & 0x0F
-        p.stats.queries[("udp", qtype if qtype in QTYPE_LABELS else 0)] += 1
-        p.stats.responses[(rcode, "policy")] += 1
-        p.stats.policy_hits[(v.category, v.family, v.action.label, v.source)] += 1
         host = addr[0]
-        p.clients.threat(v.category, host, t0)
+        p.clients.threat(category, host, t0)
         if p.querylog.enabled:
-            p.querylog.record(host, addr[1], "udp", wire.wire_name_to_text(
-                data[12:qend - 4].lower()), qtype, v, rcode, "policy", perf_counter() - t0)
+            name = wire.wire_name_to_text(data[12:qend - 4].lower())
+            if v.__class__ is int:
+                v = p.holder.policy.verdict_of(v, name)
+            p.querylog.record(host, addr[1], "udp", name, qtype, v, header[1] & 0x0F,
+                              "policy", perf_counter() - t0)
         self._done(host, t0)
         return True
+
+    def _template_for_ref(self, ref: int, data: bytes, qend: int, qtype: int, flags: bytes,
+                          edns: bool, do: bool) -> tuple[bytes, bytes, str, Any] | None:
+        """The template a reference's head maps to, found once through its Verdict (the
+        pipeline made the template from a Verdict) and then kept under the head."""
+        name = _question_name(data, qend - 5)
+        if name is None:
+            return None
+        v = self.p.holder.policy.verdict_of(ref, name)
+        template = self.templates.get((v.source_index, v.family, v.action, qtype, flags,
+                                       edns, do))
+        if template is not None and len(self.templates) <= _MEMO_LIMIT:
+            self.templates[(ref & REF_HEAD_MASK, qtype, flags, edns, do)] = template
+        return template

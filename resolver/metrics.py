@@ -111,9 +111,15 @@ class MoatCollector(Collector):
         fast_hits = sum(n for _, n in fast)
         queries = Counter(st.queries)
         responses = Counter(st.responses)
+        policy_hits = Counter(st.policy_hits)
         for k, n in fast:
             queries[("udp", k >> 4)] += n
             responses[(k & 0xF, "cache")] += n
+        for (cat, fam, action, src, qtype, rcode), n in list(
+                app.pipeline.fast.synth_counts.items()):
+            queries[("udp", qtype)] += n
+            responses[(rcode, "policy")] += n
+            policy_hits[(cat, fam, action, src)] += n
 
         c = CounterMetricFamily("moat_queries", "Queries received",
                                 labels=["transport", "qtype"])
@@ -134,7 +140,7 @@ class MoatCollector(Collector):
 
         c = CounterMetricFamily("moat_policy_hits", "Policy verdicts by threat category",
                                 labels=["category", "family", "action", "source"])
-        for (cat, fam, action, src), n in sorted(list(st.policy_hits.items())):
+        for (cat, fam, action, src), n in sorted(policy_hits.items()):
             c.add_metric([cat, fam, action, src], n)
         yield c
 
@@ -263,6 +269,7 @@ def merged_view(snapshots: list[dict[str, Any]], supervisor: Any) -> Any:
     ups: dict[str, Any] = {}  # label -> _NS of summed upstream figures
     ignored = [0, 0]
     fast_counts: Counter[int] = Counter()
+    synth_counts: Counter[tuple[Any, ...]] = Counter()
     quick = [0, 0.0]
     tcp = [0, 0]
     clients = ClientTracker()
@@ -293,6 +300,7 @@ def merged_view(snapshots: list[dict[str, Any]], supervisor: Any) -> Any:
         fast_counts.update(snap["fast"][0])
         quick[0] += snap["fast"][1]
         quick[1] += snap["fast"][2]
+        synth_counts.update(snap["fast"][3])
         tcp[0] += snap["tcp"][0]
         tcp[1] += snap["tcp"][1]
         active, by_cat = snap["clients"]
@@ -306,7 +314,8 @@ def merged_view(snapshots: list[dict[str, Any]], supervisor: Any) -> Any:
         stats=st,
         cache=_Entries(hits=cache[0], misses=cache[1], stale_served=cache[2], entries=cache[3]),
         upstreams=_NS(upstreams=list(ups.values()), mismatched=ignored[0], malformed=ignored[1]),
-        pipeline=_NS(fast=_NS(counts=fast_counts, quick=quick[0], quick_sum=quick[1])),
+        pipeline=_NS(fast=_NS(counts=fast_counts, synth_counts=synth_counts, quick=quick[0],
+                              quick_sum=quick[1])),
         tcp_state=_NS(refused=tcp[0], timed_out=tcp[1]),
         clients=clients,
         policy_rule_counts=supervisor.policy_rule_counts,

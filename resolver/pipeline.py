@@ -119,7 +119,9 @@ class Pipeline:
                                                          CacheEntry | None] | None]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.pending = 0  # requests waiting for an upstream answer
-        self._memo: dict[bytes, Verdict | None] = {}  # query-policy verdicts by question
+        #: query-policy verdicts by question: a Verdict, None, or (most blocked names) a
+        #: compact reference that policy.verdict_of expands
+        self._memo: dict[bytes, Verdict | int | None] = {}
         self._memo_version = -1
         self._logged_errors: set[str] = set()
         self.clients = ClientTracker()
@@ -229,13 +231,14 @@ class Pipeline:
         memo = self._memo
         key = query.key
         try:
-            return memo[key]
+            verdict = memo[key]
         except KeyError:
-            pass
-        verdict = policy.check_query(query.qname, query.qtype, host)
-        if len(memo) >= MEMO_LIMIT:
-            evict_oldest(memo)
-        memo[key] = verdict
+            verdict = policy.check_query_ref(query.qname, query.qtype, host)
+            if len(memo) >= MEMO_LIMIT:
+                evict_oldest(memo)
+            memo[key] = verdict
+        if isinstance(verdict, int):  # a compact reference (what most blocked names get)
+            return policy.verdict_of(verdict, query.qname)
         return verdict
 
     # --- 9: answer policy and the answer from an entry ------------------------------

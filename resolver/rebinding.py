@@ -77,5 +77,5 @@ class RebindingGuard:
                 return Verdict(action=self.action, trigger=Trigger.REBINDING,
                                category="rebinding", family="", source="rebinding-protection",
                                rule="private address in the answer for a public name",
-                               where="builtin", matched=text, policy_version=policy_version)
+                               matched=text, policy_version=policy_version)
         return None

@@ -304,3 +304,44 @@ def test_a_source_that_never_loaded_does_not_stop_the_others(tmp_path):
     assert [s.status for s in report.sources] == ["failed", "loaded"]
     assert "cannot read" in report.sources[0].error
     assert check(policy, "evil.test").source == "good"
+
+
+def test_memo_references_expand_to_the_verdicts_check_query_gives(tmp_path):
+    """The resolver memoises most blocked names as compact references
+    (Policy.check_query_ref); expanded with verdict_of they must be the very verdict
+    check_query gives: action, trigger, category, family, rule as written, line, local
+    data, shadow mode, precedence."""
+    policy, report = make_policy(
+        tmp_path,
+        ("shadow", "*.shadow.test CNAME .\n", {"action": "log-only"}),
+        ("c2", """
+            nas.c2.test CNAME . ; family=QSnatch
+            *.dga.test CNAME *.
+            ok.dga.test CNAME rpz-passthru.
+            local.test A 192.0.2.7
+            local.test TXT "hi"
+            both.test CNAME .
+            """, {"category": "c2", "family": "Pykspa"}),
+        ("later", "both.test CNAME *.\n", {"category": "malware"}),
+        ("list", "bank-login.example\n", {"format": "domains", "category": "phishing"}))
+    assert report.ok and report.rules == 8, report  # local.test A + TXT: one rule
+    deep = "a." * 70 + "dga.test"  # deeper than a reference records: a Verdict
+    names = ["nas.c2.test", "x.y.dga.test", "ok.dga.test", "local.test", "a.shadow.test",
+             "both.test", "bank-login.example", "clean.example", deep]
+    refs = 0
+    for name in names:
+        for qtype in (A, AAAA, TXT):
+            want = check(policy, name, qtype)
+            got = policy.check_query_ref(name, qtype, "192.0.2.200")
+            if isinstance(got, int):
+                refs += 1
+                got = policy.verdict_of(got, name)
+            assert got == want, (name, qtype)
+            if want is not None:
+                assert (str(got.rule), got.where, got.local_data, got.matched) == \
+                    (str(want.rule), want.where, want.local_data, want.matched)
+    assert check(policy, deep).trigger == Trigger.WILDCARD
+    assert not isinstance(policy.check_query_ref(deep, A, "192.0.2.200"), int)
+    # nas, x.y.dga, local, a.shadow, bank-login: one rule each; ok.dga (the passthru and
+    # the wildcard) and both.test (two sources) are ranked; clean.example has none
+    assert refs == 5 * 3
