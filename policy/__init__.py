@@ -23,6 +23,9 @@ class PolicyView(Protocol):
     version: int
     #: True when some rule depends on the client's address: verdicts cannot be memoised per name.
     client_dependent: bool
+    #: Sources with ``fail = "closed"`` that have never loaded: while there are any, the
+    #: resolver answers SERVFAIL rather than resolve without them.
+    closed: tuple[str, ...]
 
     def check_query(self, qname: str, qtype: int, client: str) -> Verdict | None: ...
 
@@ -40,6 +43,7 @@ class EmptyPolicy:
 
     version = 0
     client_dependent = False
+    closed: tuple[str, ...] = ()
 
     def check_query(self, qname: str, qtype: int, client: str) -> Verdict | None:
         return None

@@ -294,6 +294,7 @@ def build_parts(settings: PolicySettings, version: int, state_dir: str = "",
         rep.seconds = time.perf_counter() - t0
         report.sources.append(rep)
     parts.sources = tuple(infos)
+    parts.closed = tuple(report.unavailable_closed)
     parts.families = tuple(sorted(families, key=families.__getitem__))
     report.rules = sum(s.rules for s in report.sources)
     report.seconds = time.perf_counter() - t_all

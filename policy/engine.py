@@ -338,6 +338,8 @@ class PolicyParts:
     ip_rules: list[tuple[int, IpRule]] = field(default_factory=list)
     patterns: list[tuple[int, PatternRule]] = field(default_factory=list)
     conditional: list[tuple[int, ConditionalRule]] = field(default_factory=list)
+    #: sources with ``fail = "closed"`` that have never loaded (no copy at all)
+    closed: tuple[str, ...] = ()
 
 
 class Policy:
@@ -363,6 +365,7 @@ class Policy:
         for position, crule in parts.conditional:
             self.conditional.add(position, crule)
         self.client_dependent = bool(self.client_ip) or self.conditional.client_dependent
+        self.closed = parts.closed
         self._enforcing = tuple(not s.log_only for s in self.sources)
         #: source position -> effective action by the rule's action number
         self._effective_actions = tuple(tuple(self._effective(src, a) for a in ACTIONS)

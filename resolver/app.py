@@ -461,6 +461,9 @@ def log_report(report: BuildReport, reason: str, seconds: float) -> None:
     for s in report.sources:
         if s.status == "failed":
             log.error("source %s (%s) did not load: %s", s.name, s.location, s.error)
+            if s.fail_closed:
+                log.error("source %s fails closed: every query gets SERVFAIL until it loads",
+                          s.name)
         elif s.status == "last-good":
             log.warning("source %s (%s) failed (%s); serving its last good copy",
                         s.name, s.location, s.error)

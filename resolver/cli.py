@@ -165,6 +165,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     for s in report.sources:
         if s.status in ("failed", "last-good"):
             print(f"moat: source {s.name}: {s.error}", file=sys.stderr)
+    if policy.closed:
+        print(f"moat: source {', '.join(policy.closed)} has never loaded and fails closed: "
+              "a running moat would answer SERVFAIL to every query", file=sys.stderr)
     name = normalise_name(args.name) or args.name.lower().rstrip(".")
     qtype = wire.TYPE_CODES.get(args.qtype.upper())
     if qtype is None:

@@ -100,6 +100,7 @@ class FastPath:
         self.hosts: dict[str, bool] = {}
         self.memo: dict[bytes, Any] = pipeline._memo
         self.version = -1
+        self.closed = False
         self.index: dict[bytes, Any] = pipeline.cache.index
         #: (source, family, action, qtype, flags, edns, do), or for a verdict reference
         #: (reference & REF_HEAD_MASK, qtype, flags, edns, do) -> the synthesised answer's
@@ -118,8 +119,9 @@ class FastPath:
 
     # --- kept current by the pipeline -----------------------------------------------
 
-    def policy_changed(self, version: int) -> None:
+    def policy_changed(self, version: int, closed: bool = False) -> None:
         self.version = version
+        self.closed = closed  # a fail-closed source has not loaded: the pipeline answers
         self.templates.clear()
 
     def parts_changed(self) -> None:
@@ -158,7 +160,7 @@ class FastPath:
             edns = False
         else:
             return False
-        if data[2] & 0xF8:  # QR=1 or an opcode: the long way
+        if data[2] & 0xF8 or self.closed:  # QR=1, an opcode, or no policy yet: the long way
             return False
         qend = data.find(b"\x00", 12) + 5
         n = len(data)

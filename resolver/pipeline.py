@@ -134,7 +134,7 @@ class Pipeline:
     def _policy_changed(self, policy: PolicyView) -> None:
         self._memo.clear()  # in place: the fast path holds this dict
         self._memo_version = policy.version
-        self.fast.policy_changed(policy.version)
+        self.fast.policy_changed(policy.version, bool(policy.closed))
 
     def parts_changed(self) -> None:
         """The ACL, rate limiter or cache were replaced (config reload)."""
@@ -188,6 +188,9 @@ class Pipeline:
             return
         # 6. query policy
         policy = self.holder.policy
+        if policy.closed:  # a fail-closed source never loaded: no unprotected answers
+            self._reply(req, self._not_ready(query, policy.closed), "policy")
+            return
         verdict = self._query_verdict(policy, query, host)
         if verdict is not None:
             req.verdict = verdict
@@ -221,6 +224,12 @@ class Pipeline:
             return
         # 10. forward
         self._forward(req)
+
+    @staticmethod
+    def _not_ready(query: wire.Query, closed: tuple[str, ...]) -> bytes:
+        ede = wire.ede_option(wire.EDE_NOT_READY, f"moat: policy source {', '.join(closed)} "
+                              "has not loaded yet (fail = closed)") if query.edns else b""
+        return wire.error_response(query.data, wire.SERVFAIL, query, ede)
 
     def _query_verdict(self, policy: PolicyView, query: wire.Query, host: str) -> Verdict | None:
         if policy.client_dependent:

@@ -60,6 +60,7 @@ EDNS_EDE = 15
 EDE_BLOCKED = 15
 EDE_FILTERED = 17
 EDE_STALE = 3
+EDE_NOT_READY = 14
 
 #: What moat advertises and accepts over UDP (the DNS Flag Day 2020 figure).
 UDP_PAYLOAD = 1232

@@ -32,6 +32,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import dns.edns
+import dns.message
+import dns.query
 import dns.rcode
 import pytest
 from harness import REPO_ROOT, NsdServer, dns_query, free_port_on, make_zone, require_binary
@@ -585,3 +588,45 @@ def test_moat_serve_blocks_a_fetched_list_and_follows_changes(
             "changed\n" + proc.stderr_text()
         time.sleep(0.2)
     assert (Path(proc.state_dir) / "feeds" / "e2e-list").read_bytes() == LIST2
+
+
+@pytest.mark.parametrize("fail", ["closed", "open"])
+def test_a_feed_that_never_loaded_fails_closed_or_open(
+        tmp_path: Path, nsd: NsdServer, http: HttpServer, moat: Any, fail: str) -> None:
+    """A fresh install whose feed is down (404 here) and has no copy on disk yet: with
+    ``fail = "closed"`` moat answers SERVFAIL with EDE 14 (Not Ready) naming the source
+    rather than resolve unprotected, over UDP (also when asked again: the fast path)
+    and TCP; ``fail = "open"`` resolves anyway. Once the feed loads, both protect."""
+    cfg = tmp_path / "moat.toml"
+    cfg.write_text(
+        "[policy]\nselftest = false\n\n"
+        "[[policy.source]]\n"
+        'name = "must-have"\n'
+        f'url = "{http.url("/late.txt")}"\n'
+        'format = "domains"\n'
+        'refresh = "1s"\n'
+        'timeout = "3s"\n'
+        f'fail = "{fail}"\n')
+    proc = moat("--config", str(cfg), upstream=nsd, ready_timeout=30)
+    ask = dns.message.make_query("feeds.test", "A", use_edns=0)
+    for tcp in (False, False, True):
+        q = dns.message.make_query("feeds.test", "A", use_edns=0)
+        r = (dns.query.tcp if tcp else dns.query.udp)(q, proc.host, port=proc.port, timeout=3)
+        if fail == "closed":
+            assert r.rcode() == dns.rcode.SERVFAIL, r
+            (ede,) = [o for o in r.options if o.otype == dns.edns.EDE]
+            assert ede.code == 14 and "must-have" in (ede.text or ""), ede.to_text()
+        else:  # (an answer rebinding protection empties: feeds.test is 127.0.0.1)
+            assert r.rcode() == dns.rcode.NOERROR, r
+            assert not [o for o in r.options if o.otype == dns.edns.EDE and o.code == 14]
+    assert "must-have" in proc.stderr_text()
+    http.site.put("/late.txt", LIST1)  # the feed comes back: retried after 1 s
+    deadline = time.monotonic() + 20
+    while True:
+        r = dns_query(proc.host, proc.port, "listed.example", "A")
+        if [rd.address for rrset in r.answer for rd in rrset] == ["0.0.0.0"]:
+            break
+        assert time.monotonic() < deadline, proc.stderr_text()
+        time.sleep(0.2)
+    r = dns.query.udp(ask, proc.host, port=proc.port, timeout=3)
+    assert r.rcode() == dns.rcode.NOERROR, r
