@@ -4,6 +4,7 @@ a flood of garbage, and signals (SIGTERM, SIGINT, SIGHUP)."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 import socket
@@ -353,3 +354,109 @@ def test_sighup_with_an_invalid_config_keeps_the_old_one(moat, tmp_path) -> None
         r = m.query("two.example.test", "A", timeout=3)
         assert addresses(r) == ["192.0.2.111"]
         assert [q.qname for q in a.queries] == ["one.example.test.", "two.example.test."]
+
+
+# --- faults under load: what the client sees, and nothing left behind ------------------------
+
+
+def burst(port: int, names: list[str], timeout: float) -> dict[str, tuple[int, float]]:
+    """Send every query at once from one socket; name -> (rcode, seconds) of its answer."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sent: dict[int, tuple[str, float]] = {}
+    try:
+        for i, name in enumerate(names):
+            q = dns.message.make_query(name, "A")
+            q.id = i
+            sent[i] = (name, time.monotonic())
+            sock.sendto(q.to_wire(), ("127.0.0.1", port))
+        out: dict[str, tuple[int, float]] = {}
+        deadline = time.monotonic() + timeout
+        while len(out) < len(names) and time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = sock.recv(4096)
+            except TimeoutError:
+                break
+            r = dns.message.from_wire(data)
+            name, t0 = sent[r.id]
+            out[name] = (r.rcode(), time.monotonic() - t0)
+        return out
+    finally:
+        sock.close()
+
+
+def resources(pid: int) -> tuple[int, int]:
+    """(open sockets, resident kB) of a process."""
+    fds = Path(f"/proc/{pid}/fd")
+    sockets = 0
+    for fd in fds.iterdir():
+        try:
+            sockets += fd.readlink().name.startswith("socket:")
+        except OSError:
+            pass
+    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text()
+               .splitlines() if line.startswith("VmRSS:"))
+    return sockets, rss
+
+
+def flapping(fake: FakeUpstream) -> Any:
+    """Answers one query, ignores the next, and so on."""
+    def behaviour(query: ReceivedQuery, request: DNSRecord) -> Any:
+        if len(fake.queries) % 2:
+            reply = request.reply()
+            reply.add_answer(RR(str(request.q.qname), QTYPE.A, rdata=A("192.0.2.9"), ttl=60))
+            return reply
+        return None
+    return behaviour
+
+
+FAULTS = {
+    # fault: (upstream behaviour, what every client must get, seconds it may take)
+    "down": ("silent", dns.rcode.SERVFAIL, 1.5),
+    "slow-beyond-timeout": ("slow", dns.rcode.SERVFAIL, 1.5),  # answers after moat gave up
+    "garbage": ("garbage", dns.rcode.SERVFAIL, 1.5),
+    "wrong-id-from-another-port": ("wrong_port", dns.rcode.SERVFAIL, 1.5),
+    "truncates-every-udp-answer": ("truncate", dns.rcode.NOERROR, 1.0),
+    "flapping": ("flap", dns.rcode.NOERROR, 1.0),
+    "closed-port": ("closed", dns.rcode.SERVFAIL, 1.5),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_faults_under_load_give_bounded_answers_and_leak_nothing(moat, tmp_path,
+                                                                fault: str) -> None:
+    """300 different names at once, three times, against a broken upstream (plus, for a
+    flapping one, a healthy second): every client gets its answer within the bound, and
+    afterwards moat holds no more sockets than before and has not grown. (50 at once when
+    each needs a TCP connection: the fake upstream accepts 64 pending connections.)"""
+    behaviour, rcode, bound = FAULTS[fault]
+    at_once = 50 if behaviour == "truncate" else 300
+    fakes = []
+    with contextlib.ExitStack() as stack:
+        if behaviour == "closed":
+            upstream: Any = f"127.0.0.1:{free_port()}"  # nothing listens: ICMP unreachable
+        else:
+            fake = stack.enter_context(FakeUpstream(
+                "answer" if behaviour == "flap" else behaviour, delay=0.6))
+            fake.wrong_id_then_right = False
+            if behaviour == "flap":
+                fake.behaviour = flapping(fake)
+                fakes.append(stack.enter_context(FakeUpstream("answer", address="192.0.2.7")))
+            upstream = [fake, *fakes]
+        m = moat("--config", write_config(tmp_path, FAST + "[cache]\nsize = 500\n"),
+                 upstream=upstream)
+        burst(m.port, [f"warm{i}.example.test" for i in range(at_once)], 3.0)  # warm up
+        time.sleep(1.2)
+        before = resources(m.pid)
+        for rnd in range(3):
+            names = [f"r{rnd}-{i}.{fault}.example.test" for i in range(at_once)]
+            got = burst(m.port, names, 5.0)
+            assert len(got) == len(names), f"{len(names) - len(got)} queries unanswered"
+            assert {rc for rc, _ in got.values()} == {rcode}, fault
+            slowest = max(t for _, t in got.values())
+            assert slowest <= bound, f"{fault}: slowest answer {slowest:.2f} s"
+        time.sleep(1.5)  # past the deadline: every upstream exchange is over
+        after = resources(m.pid)
+        assert after[0] <= before[0], f"sockets {before[0]} -> {after[0]}"
+        assert after[1] - before[1] < 4096, f"RSS {before[1]} -> {after[1]} kB"
