@@ -460,3 +460,37 @@ def test_faults_under_load_give_bounded_answers_and_leak_nothing(moat, tmp_path,
         after = resources(m.pid)
         assert after[0] <= before[0], f"sockets {before[0]} -> {after[0]}"
         assert after[1] - before[1] < 4096, f"RSS {before[1]} -> {after[1]} kB"
+
+
+def test_after_sigterm_new_queries_are_not_accepted_and_the_grace_bounds_the_exit(
+        moat, tmp_path) -> None:
+    """While a query waits for a very slow upstream: SIGTERM closes the listeners at once
+    (a new UDP query goes unanswered, a new TCP connection is refused) and moat exits
+    within its shutdown grace (1 s here), not after the upstream's 10 s."""
+    cfg = write_config(tmp_path, '[server]\nshutdown_grace = "1s"\n'
+                                 '[upstream]\ntimeout = "10s"\ndeadline = "20s"\n')
+    with FakeUpstream("slow", delay=10.0) as fake:
+        m = moat("--config", cfg, upstream=fake)
+        t = threading.Thread(target=lambda: _quietly(m, "stuck.example.test"), daemon=True)
+        t.start()
+        fake.wait_for_queries(1, timeout=3)
+        t_sig = time.monotonic()
+        m.signal(signal.SIGTERM)
+        m.wait_for_stderr(r"shutting down", timeout=3)
+        q = dns.message.make_query("www.example.test", "A")
+        with pytest.raises(dns.exception.Timeout):
+            dns.query.udp(q, m.host, port=m.port, timeout=0.3)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((m.host, m.port), timeout=1).close()
+        rc = _wait_exit(m, timeout=5)
+        took = time.monotonic() - t_sig
+        assert rc == 0 and took < 2.5, (rc, took)
+        assert len(fake.queries) == 1  # the new query never reached the upstream
+        t.join(5)
+
+
+def _quietly(m: Any, name: str) -> None:
+    try:
+        m.query(name, "A", timeout=15)
+    except Exception:  # noqa: BLE001, S110 - the answer does not matter here
+        pass

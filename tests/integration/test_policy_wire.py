@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -12,9 +13,12 @@ from pathlib import Path
 import dns.edns
 import dns.exception
 import dns.flags
+import dns.message
 import dns.rcode
 import dns.rdatatype
 import pytest
+from harness.ports import free_port
+from harness.scrape import metric, scrape
 
 pytestmark = pytest.mark.integration
 
@@ -169,12 +173,17 @@ def test_cached_answer_is_rechecked_after_a_reload(tmp_path, moat, nsd_upstream)
 
 def test_broken_policy_file_keeps_the_last_good_rules(tmp_path, moat, nsd_upstream):
     rpz = write_rpz(tmp_path / "keep.rpz", "www.example.test CNAME .\n")
-    m = moat("--rpz", str(rpz), upstream=nsd_upstream)
+    mport = free_port()
+    m = moat("--rpz", str(rpz), "--metrics", f"127.0.0.1:{mport}", upstream=nsd_upstream)
     assert m.query("www.example.test").rcode() == dns.rcode.NXDOMAIN
+    assert metric(scrape(mport), "moat_policy_reloads_total", result="partial") == 0
     rpz.write_text("<html>this is not a zone</html>\n" * 40)
     m.signal(signal.SIGHUP)
     m.wait_for_stderr(r"serving its last good copy", timeout=10)
     assert m.query("www.example.test").rcode() == dns.rcode.NXDOMAIN
+    text = scrape(mport)  # the failure is counted, the rules of the last good copy too
+    assert metric(text, "moat_policy_reloads_total", result="partial") == 1
+    assert metric(text, "moat_policy_rules", source="keep") == 1
 
 
 def test_selftest_names_block_by_category(moat, nsd_upstream):
@@ -240,3 +249,43 @@ def test_reload_of_a_large_policy_loses_no_query(tmp_path, moat, nsd_upstream):
         t.join(timeout=30)
     assert not failures, failures[:10]
     assert answered[0] > 100
+
+
+def test_no_query_is_answered_before_the_policy_is_loaded(tmp_path, moat, nsd_upstream):
+    """A client that asks from the moment moat starts (a Pi rebooting while the house
+    is online) never gets an unprotected answer: the listeners open after the policy
+    has loaded, even when that takes a while."""
+    rpz = tmp_path / "big.rpz"
+    rpz.write_text(SOA + "www.example.test CNAME .\n" +
+                   "".join(f"n{i}.filler.test CNAME .\n" for i in range(300000)))
+    port = free_port()
+    answers: list[int] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        q = dns.message.make_query("www.example.test", "A")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.settimeout(0.005)
+        try:
+            while not stop.is_set() and len(answers) < 1000:
+                sock.sendto(q.to_wire(), ("127.0.0.1", port))
+                try:
+                    answers.append(dns.message.from_wire(sock.recv(4096)).rcode())
+                except (TimeoutError, ConnectionRefusedError):
+                    pass
+        finally:
+            sock.close()
+
+    t = threading.Thread(target=poll)
+    t.start()
+    try:
+        m = moat("--rpz", str(rpz), listen=f"127.0.0.1:{port}", upstream=nsd_upstream,
+                 ready_timeout=60)
+        deadline = time.monotonic() + 5
+        while not answers and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        t.join(timeout=10)
+    assert answers and set(answers) == {dns.rcode.NXDOMAIN}, answers[:20]
+    assert "policy version 1 loaded" in m.stderr_text()

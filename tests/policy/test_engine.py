@@ -345,3 +345,36 @@ def test_memo_references_expand_to_the_verdicts_check_query_gives(tmp_path):
     # nas, x.y.dga, local, a.shadow, bank-login: one rule each; ok.dga (the passthru and
     # the wildcard) and both.test (two sources) are ranked; clean.example has none
     assert refs == 5 * 3
+
+
+@pytest.mark.parametrize("override,action", [("sinkhole", Action.SINKHOLE),
+                                             ("nodata", Action.NODATA),
+                                             ("nxdomain", Action.NXDOMAIN),
+                                             ("drop", Action.DROP),
+                                             ("tcp-only", Action.TCP_ONLY)])
+def test_action_override_applies_to_every_rule_of_the_source(tmp_path, override, action):
+    policy, _ = make_policy(tmp_path, ("feed", """
+        nx.test CNAME .
+        local.test A 192.0.2.53
+        *.wild.test CNAME *.
+    """, {"action": override}))
+    for name in ("nx.test", "local.test", "a.wild.test"):
+        assert check(policy, name).action == action, name
+
+
+def test_sinkhole_addresses_per_source_beat_per_category_beat_the_default(tmp_path):
+    """An operator points each category (or one feed) at its own block page."""
+    policy, _ = make_policy(
+        tmp_path,
+        ("own", "a.test\n", {"format": "domains", "category": "phishing",
+                             "sinkhole_ipv4": ("192.0.2.1",), "sinkhole_ipv6": ("2001:db8::1",)}),
+        ("cat", "b.test\n", {"format": "domains", "category": "phishing"}),
+        ("plain", "c.test\n", {"format": "domains", "category": "malware"}),
+        categories={"phishing": CategorySettings(sinkhole_ipv4=("192.0.2.80",),
+                                                 sinkhole_ipv6=("2001:db8::80",))},
+        sinkhole_ipv4=("192.0.2.99",), sinkhole_ipv6=("2001:db8::99",))
+    got = {n: (check(policy, n).sinkhole_v4, check(policy, n).sinkhole_v6)
+           for n in ("a.test", "b.test", "c.test")}
+    assert got == {"a.test": (("192.0.2.1",), ("2001:db8::1",)),
+                   "b.test": (("192.0.2.80",), ("2001:db8::80",)),
+                   "c.test": (("192.0.2.99",), ("2001:db8::99",))}
