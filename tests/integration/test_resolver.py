@@ -23,7 +23,9 @@ import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
+import dns.rdata
 import dns.rdatatype
+import dns.rrset
 import pytest
 from dnslib import RCODE, RR, DNSRecord
 from harness import FakeUpstream, MoatProcess, ReceivedQuery, free_port, free_port_on
@@ -561,3 +563,35 @@ def test_malformed_query_over_tcp_gets_formerr(fake_moat) -> None:
         assert dns.message.from_wire(raw).rcode() == dns.rcode.FORMERR
         s.sendall(framed(query_wire("www.example.test", qid=0x6262)))  # still usable
         assert dns.message.from_wire(tcp_read_message(s)).id == 0x6262
+
+
+def test_dnssec_records_come_back_to_a_do_client_and_stay_apart_in_the_cache(fake_moat
+                                                                             ) -> None:
+    """A validating client (DO=1) gets the RRSIGs and the AD bit the upstream sent, also
+    from the cache; a client without DO gets neither (a separate cache entry)."""
+    m, fake_upstream, _ = fake_moat
+    sig = ("A 13 3 300 20361231000000 20261101000000 12345 example.test. "
+           "c2lnbmF0dXJlIGJ5dGVzIGZvciB0aGUgdGVzdCBvbmx5IG5vdCByZWFs")
+
+    def signed(query: ReceivedQuery, request: object) -> bytes:
+        msg = dns.message.from_wire(query.wire)
+        r = dns.message.make_response(msg)
+        name = msg.question[0].name
+        r.answer.append(dns.rrset.from_text(name, 300, "IN", "A", "192.0.2.44"))
+        if msg.ednsflags & dns.flags.DO:
+            r.answer.append(dns.rrset.from_text(name, 300, "IN", "RRSIG", sig))
+            r.flags |= dns.flags.AD
+        return r.to_wire()
+
+    fake_upstream.behaviour = signed
+    for _ in range(2):  # upstream, then cache
+        q = dns.message.make_query("signed.example.test", "A", want_dnssec=True)
+        r = dns.query.udp(q, m.host, port=m.port, timeout=3)
+        types = sorted(dns.rdatatype.to_text(rrset.rdtype) for rrset in r.answer)
+        assert types == ["A", "RRSIG"] and r.flags & dns.flags.AD, r
+        (rrsig,) = [rs for rs in r.answer if rs.rdtype == dns.rdatatype.RRSIG]
+        assert rrsig[0] == dns.rdata.from_text("IN", "RRSIG", sig)
+    plain = m.query("signed.example.test", "A", use_edns=0)
+    assert [dns.rdatatype.to_text(rs.rdtype) for rs in plain.answer] == ["A"]
+    assert not plain.flags & dns.flags.AD
+    assert len(fake_upstream.queries) == 2  # DO=1 once, DO=0 once

@@ -539,3 +539,36 @@ def test_moat_serve_rpz_by_transfer_and_notify(tmp_path: Path, knot_bin: None,
         assert state.is_file()
         assert "new.example" in state.read_text()
 
+
+
+def test_refresh_timer_picks_up_a_change_without_notify(tmp_path: Path, knot_bin: None) -> None:
+    """A primary that sends no NOTIFY (or whose NOTIFY is lost): the SOA refresh timer
+    (2 s here) finds the new serial and the change arrives by IXFR."""
+    with KnotServer({ORIGIN: rpz(1, *RULES1, refresh=2, retry=1)}) as knot:
+        src = source(knot)
+        changes: list[str] = []
+
+        async def on_change(name: str) -> None:
+            changes.append(name)
+
+        async def scenario() -> None:
+            zt = ZoneTransfers([src], str(tmp_path), on_change)
+            try:
+                await zt.start(initial_timeout=10)
+                assert zt.serial("rpz") == 1
+                t_change = time.monotonic()
+                await asyncio.to_thread(knot.update_zone, ORIGIN,
+                                        rpz(2, *RULES1, "late.example CNAME .", refresh=2,
+                                            retry=1))
+                await wait_for(lambda: changes == ["rpz"], 10, "the refresh timer's IXFR")
+                assert time.monotonic() - t_change < 2 * 1.1 + 2  # one refresh (+ jitter)
+                assert sample(zt, "moat_zone_transfers_total", source="rpz", kind="ixfr",
+                              result="ok") == 1
+                assert sample(zt, "moat_notify_total", source="rpz", result="accepted") in (
+                    None, 0)
+                assert zt.serial("rpz") == 2
+                assert policy_blocks(tmp_path, src, "late.example")
+            finally:
+                await zt.stop()
+
+        run(scenario(), 60)
