@@ -416,6 +416,8 @@ mixed   A   192.0.2.6
 mixed   A   10.0.0.1
 sub.nas A   192.168.1.3
 evilnas A   192.168.1.4
+ll      A   169.254.1.1
+ll6     AAAA fe80::1
 """
 
 HOME_ZONE = """\
@@ -427,18 +429,28 @@ ns1     A   192.168.1.2
 router  A   192.168.1.1
 """
 
+LAN_ZONE = """\
+$ORIGIN lan.
+$TTL 300
+@       SOA ns1.lan. hostmaster.lan. 1 3600 600 86400 60
+@       NS  ns1.lan.
+ns1     A   192.168.1.2
+printer A   192.168.1.9
+"""
+
 BLOCKED = [("nas.public.test", "A"), ("evil.public.test", "A"), ("v6.public.test", "AAAA"),
            ("cloak.public.test", "A"), ("mapped.public.test", "AAAA"),
            ("mixed.public.test", "A"), ("sub.nas.public.test", "A"),
-           ("evilnas.public.test", "A")]
+           ("evilnas.public.test", "A"), ("ll.public.test", "A"), ("ll6.public.test", "AAAA")]
 ALLOWED = [("ok.public.test", "A", ["192.0.2.5"]), ("ok.public.test", "AAAA", ["2001:db8::5"]),
-           ("router.home.arpa", "A", ["192.168.1.1"])]
+           ("router.home.arpa", "A", ["192.168.1.1"]), ("printer.lan", "A", ["192.168.1.9"])]
 
 
 @pytest.fixture(scope="module")
 def rebinding_nsd() -> Iterator[NsdServer]:
     require_binary("nsd")
-    with NsdServer({"public.test.": PUBLIC_ZONE, "home.arpa.": HOME_ZONE}) as nsd:
+    with NsdServer({"public.test.": PUBLIC_ZONE, "home.arpa.": HOME_ZONE,
+                    "lan.": LAN_ZONE}) as nsd:
         yield nsd
 
 
