@@ -275,6 +275,30 @@ def test_nsdname_and_nsip_are_counted_as_unsupported(tmp_path):
     src = report.sources[0]
     assert sum(src.unsupported.values()) == 2
     assert src.rules == 1
+    # never silently: the start-up log says what was skipped (resolver/app.py log_report)
+    import logging
+
+    from resolver.app import log_report
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("moat")
+    logger.addHandler(handler)
+    try:
+        log_report(report, "start", 0.1)
+    finally:
+        logger.removeHandler(handler)
+    warned = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert any("feed" in w and "not supported" in w for w in warned), warned
+
+
+def test_a_verdict_is_immutable(tmp_path):
+    policy, _ = make_policy(tmp_path, ("feed", "bad.test CNAME .\n", {}))
+    v = check(policy, "bad.test")
+    with pytest.raises(AttributeError):
+        v.action = Action.PASSTHRU  # type: ignore[misc]
+    assert not hasattr(v, "__dict__") and hash(v) == hash(check(policy, "bad.test"))
 
 
 def test_failed_source_serves_its_last_good_copy(tmp_path):

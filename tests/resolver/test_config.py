@@ -34,6 +34,8 @@ def test_defaults_without_a_file() -> None:
     assert cfg.server.listen == (("127.0.0.1", 5353), ("::1", 5353))
     assert cfg.upstream.timeout == 1.0 and cfg.upstream.deadline == 3.0
     assert cfg.cache.stale_ttl == 30 and cfg.path == ""
+    # a real user's default: Quad9, a public protective resolver (tests pass loopback)
+    assert cfg.upstream.servers == (("9.9.9.9", 53), ("149.112.112.112", 53))
 
 
 def test_a_full_file_is_read(tmp_path: Path) -> None:
