@@ -360,17 +360,35 @@ def test_sighup_with_an_invalid_config_keeps_the_old_one(moat, tmp_path) -> None
 
 
 def burst(port: int, names: list[str], timeout: float) -> dict[str, tuple[int, float]]:
-    """Send every query at once from one socket; name -> (rcode, seconds) of its answer."""
+    """Send every query at once from one socket; name -> (rcode, seconds) of its answer.
+    The socket gets a large receive buffer and is drained while sending: 300 answers
+    arriving together would overflow the kernel's default and look like lost answers."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for opt in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+        if opt is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, 8 * 1024 * 1024)
+                break
     sock.bind(("127.0.0.1", 0))
     sent: dict[int, tuple[str, float]] = {}
+    out: dict[str, tuple[int, float]] = {}
+
+    def take(data: bytes) -> None:
+        r = dns.message.from_wire(data)
+        name, t0 = sent[r.id]
+        out[name] = (r.rcode(), time.monotonic() - t0)
+
     try:
         for i, name in enumerate(names):
             q = dns.message.make_query(name, "A")
             q.id = i
             sent[i] = (name, time.monotonic())
             sock.sendto(q.to_wire(), ("127.0.0.1", port))
-        out: dict[str, tuple[int, float]] = {}
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    take(sock.recv(4096))
+            sock.setblocking(True)
         deadline = time.monotonic() + timeout
         while len(out) < len(names) and time.monotonic() < deadline:
             sock.settimeout(max(0.01, deadline - time.monotonic()))
@@ -378,9 +396,7 @@ def burst(port: int, names: list[str], timeout: float) -> dict[str, tuple[int, f
                 data = sock.recv(4096)
             except TimeoutError:
                 break
-            r = dns.message.from_wire(data)
-            name, t0 = sent[r.id]
-            out[name] = (r.rcode(), time.monotonic() - t0)
+            take(data)
         return out
     finally:
         sock.close()
