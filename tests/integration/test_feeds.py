@@ -26,7 +26,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,6 +38,7 @@ import dns.query
 import dns.rcode
 import pytest
 from harness import REPO_ROOT, NsdServer, dns_query, free_port_on, make_zone, require_binary
+from harness.waiting import wait_for_async as wait_for
 
 from policy.settings import SourceSettings
 from resolver import config as config_mod
@@ -216,14 +217,6 @@ def run(coro: Awaitable[Any], timeout: float = 30.0) -> Any:
     async def bounded() -> Any:
         return await asyncio.wait_for(coro, timeout)
     return asyncio.run(bounded())
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def src(name: str, url: str, **kw: Any) -> SourceSettings:

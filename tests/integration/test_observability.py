@@ -8,7 +8,6 @@ import json
 import re
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import dns.query
 import dns.rcode
 import pytest
 from harness.ports import free_port
+from harness.waiting import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from resolver.querylog import FIELDS
@@ -74,16 +74,6 @@ def ask(port: int, name: str, *, source: str = "127.0.0.1", tcp: bool = False
     if tcp:
         return dns.query.tcp(q, "127.0.0.1", port=port, timeout=3, source=source)
     return dns.query.udp(q, "127.0.0.1", port=port, timeout=3, source=source)
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() >= deadline:
-            assert result, f"timed out waiting for {what or check}"
-            return result
-        time.sleep(0.05)
 
 
 def log_lines(*paths: Path) -> list[dict[str, Any]]:

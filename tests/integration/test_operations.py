@@ -10,7 +10,6 @@ import os
 import pwd
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import dns.message
@@ -20,6 +19,7 @@ import pytest
 from harness import REPO_ROOT
 from harness.ports import free_port, is_port_free
 from harness.scrape import metric, scrape
+from harness.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -32,16 +32,6 @@ def proc_ids(pid: int) -> tuple[list[int], list[int], int]:
                   .splitlines() if ":" in line)
     return ([int(x) for x in fields["Uid"].split()], [int(x) for x in fields["Gid"].split()],
             int(fields["CapEff"].strip(), 16))
-
-
-def wait_for(check, timeout: float = 10.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() >= deadline:
-            assert result, f"timed out waiting for {what}"
-            return result
-        time.sleep(0.1)
 
 
 # --- privileges ------------------------------------------------------------------------
@@ -136,7 +126,8 @@ def test_log_only_source_answers_normally_but_logs_and_counts(moat, nsd_upstream
         assert r.rcode() == dns.rcode.NOERROR and r.answer[0][0].to_text() == "192.0.2.10"
     assert m.query("mail.example.test", "A").rcode() == dns.rcode.NXDOMAIN
     lines = wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 4 and
-                     [json.loads(x) for x in log.read_text().splitlines()], what="4 lines")
+                     [json.loads(x) for x in log.read_text().splitlines()], timeout=10,
+                     what="4 lines")
     www = [x for x in lines if x["qname"] == "www.example.test"]
     assert len(www) == 3 and {x["action"] for x in www} == {"log-only"}
     assert {x["rcode"] for x in www} == {"NOERROR"} and www[0]["source"] == "trial"

@@ -31,6 +31,7 @@ import dns.tsigkeyring
 import dns.zone
 import pytest
 from harness import REPO_ROOT, KnotServer, dns_query, free_port_on, require_binary
+from harness.waiting import wait_for_async as wait_for
 
 from policy.build import build_policy
 from policy.settings import PolicySettings, SourceSettings, TsigKey
@@ -60,14 +61,6 @@ def run(coro: Awaitable[Any], timeout: float = 60.0) -> Any:
     async def bounded() -> Any:
         return await asyncio.wait_for(coro, timeout)
     return asyncio.run(bounded())
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def source(knot: KnotServer, name: str = "rpz", **kw: Any) -> SourceSettings:

@@ -227,8 +227,8 @@ def report(r: ReloadResult, log=print) -> None:  # noqa: ANN001
         log(f"reloads:       {len(r.load_s)}, load time min {min(r.load_s):.2f} / max "
             f"{max(r.load_s):.2f} s (signal to loaded max {max(r.signal_to_loaded_s):.2f} s)")
     log(f"dnsperf:       sent {p.sent}, completed {p.completed}, lost {p.lost}, "
-        f"{p.qps:.0f} q/s; latency avg {p.avg_latency * 1e3:.2f} ms, max "
-        f"{p.max_latency * 1e3:.2f} ms; {p.rcodes}")
+        f"{p.qps:.0f} q/s; latency avg {p.avg_latency_ms or 0.0:.2f} ms, max "
+        f"{p.max_latency_ms or 0.0:.2f} ms; {p.rcodes}")
     log(f"prober:        {r.probes} queries, lost {r.probe_lost}, wrong {len(r.wrong)}; "
         f"p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms, max {r.max_ms:.2f} ms; during swaps "
         f"p99 {r.p99_swap_ms:.2f} ms, max {r.max_swap_ms:.2f} ms")

@@ -207,8 +207,8 @@ def report(r: SoakResult, log=print) -> None:  # noqa: ANN001
     p = r.perf or PerfResult()
     log(f"run:           {r.seconds:.0f} s at {r.qps} q/s; {r.names} walked names")
     log(f"dnsperf:       sent {p.sent}, completed {p.completed}, lost {p.lost}, "
-        f"{p.qps:.0f} q/s; latency avg {p.avg_latency * 1e3:.2f} ms, max "
-        f"{p.max_latency * 1e3:.2f} ms; {p.rcodes}")
+        f"{p.qps:.0f} q/s; latency avg {p.avg_latency_ms or 0.0:.2f} ms, max "
+        f"{p.max_latency_ms or 0.0:.2f} ms; {p.rcodes}")
     log(f"TCP client:    {r.tcp_queries} queries, lost {r.tcp_lost}, wrong {len(r.tcp_wrong)};"
         f" p50 {r.tcp_p50_ms:.2f} ms, p99 {r.tcp_p99_ms:.2f} ms, max {r.tcp_max_ms:.2f} ms")
     log(f"upstream:      {r.upstream_queries} queries; cache entries at the end "

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,9 @@ from harness import (  # noqa: E402
     make_zone,
 )
 from harness.scrape import metric, scrape  # noqa: E402
+
+from bench.dnsperf import PerfResult  # noqa: E402
+from bench.dnsperf import parse as parse_dnsperf  # noqa: E402
 
 # re-exported for the scripts
 __all__ = ["EXAMPLE_ZONE", "MoatProcess", "NsdServer", "make_zone", "metric", "scrape"]
@@ -200,40 +203,6 @@ def check_still_correct(host: str, port: int) -> list[str]:
 # --- dnsperf ------------------------------------------------------------------------------
 
 
-@dataclass
-class PerfResult:
-    sent: int = 0
-    completed: int = 0
-    lost: int = 0
-    qps: float = 0.0
-    avg_latency: float = 0.0
-    min_latency: float = 0.0
-    max_latency: float = 0.0
-    rcodes: dict[str, int] = field(default_factory=dict)
-    output: str = ""
-
-
-def parse_dnsperf(out: str) -> PerfResult:
-    r = PerfResult(output=out)
-
-    def num(pattern: str, cast: Any = int) -> Any:
-        m = re.search(pattern, out)
-        return cast(m.group(1)) if m else cast(0)
-
-    r.sent = num(r"Queries sent:\s+(\d+)")
-    r.completed = num(r"Queries completed:\s+(\d+)")
-    r.lost = num(r"Queries lost:\s+(\d+)")
-    r.qps = num(r"Queries per second:\s+([\d.]+)", float)
-    m = re.search(r"Average Latency \(s\):\s+([\d.]+) \(min ([\d.]+), max ([\d.]+)\)", out)
-    if m:
-        r.avg_latency, r.min_latency, r.max_latency = (float(x) for x in m.groups())
-    m = re.search(r"Response codes:\s+(.*)", out)
-    if m:
-        for code, n in re.findall(r"([A-Z]+) (\d+)", m.group(1)):
-            r.rcodes[code] = int(n)
-    return r
-
-
 def dnsperf(host: str, port: int, datafile: Path, *, qps: int, seconds: float,
             clients: int = 4, timeout: float = 5.0, extra: tuple[str, ...] = ()
             ) -> subprocess.Popen[str]:
@@ -253,7 +222,7 @@ def finish(proc: subprocess.Popen[str], timeout: float) -> PerfResult:
         raise AssertionError(f"dnsperf did not finish within {timeout} s:\n{out}") from None
     if proc.returncode != 0:
         raise AssertionError(f"dnsperf exited {proc.returncode}:\n{out}")
-    return parse_dnsperf(out)
+    return parse_dnsperf(out)  # bench/dnsperf.py: one parser for the benchmark and these
 
 
 # --- probing latency at a fixed rate ----------------------------------------------------
