@@ -382,16 +382,11 @@ class Policy:
     def check_query(self, qname: str, qtype: int, client: str) -> Verdict | None:
         if self._names_only:
             # The common policy (lists and RPZ zones without client-IP, patterns or
-            # qtype/client-limited rules), with at most one rule covering the name:
-            # no candidates to rank.
+            # qtype/client-limited rules): name rules only, usually just one.
             hits = self.index.hits(qname)
             if hits is None:
                 return None
-            if len(hits) == 1:
-                meta, depth, rule_name = hits[0]
-                return self._name_verdict(meta & 0xFF, meta, depth, qname, rule_name)
-            return self._decide([(m & 0xFF, 1 + d, ("name", m, d, qname, r))
-                                 for m, d, r in hits])
+            return self._names_only_verdict(qname, hits)
         candidates: list[tuple[int, int, Any]] = []  # (position, rank, thunk-args)
         if self.client_ip:
             hit = self.client_ip.lookup(client)
@@ -419,14 +414,22 @@ class Policy:
         as a compact reference, an int that ``verdict_of`` expands. What the resolver's
         memo keeps per blocked name: ~36 bytes, no objects for the garbage collector,
         instead of ~450 bytes of Verdict, rule and name (51 MB for 100k names)."""
-        if self._names_only:
-            hits = self.index.hits(qname)
-            if hits is None:
-                return None
-            if len(hits) == 1 and hits[0][1] <= REF_MAX_DEPTH:
-                meta, depth, _ = hits[0]
-                return meta | depth << REF_DEPTH_SHIFT
-        return self.check_query(qname, qtype, client)
+        if not self._names_only:
+            return self.check_query(qname, qtype, client)
+        hits = self.index.hits(qname)
+        if hits is None:
+            return None
+        if len(hits) == 1 and hits[0][1] <= REF_MAX_DEPTH:
+            meta, depth, _ = hits[0]
+            return meta | depth << REF_DEPTH_SHIFT
+        return self._names_only_verdict(qname, hits)
+
+    def _names_only_verdict(self, qname: str, hits: list[tuple[int, int, str]]) -> Verdict | None:
+        """The verdict of a names-only policy from the name rules covering ``qname``."""
+        if len(hits) == 1:
+            meta, depth, rule_name = hits[0]
+            return self._name_verdict(meta & 0xFF, meta, depth, qname, rule_name)
+        return self._decide([(m & 0xFF, 1 + d, ("name", m, d, qname, r)) for m, d, r in hits])
 
     def verdict_of(self, ref: int, qname: str) -> Verdict:
         """The Verdict a reference from ``check_query_ref`` stands for (``qname``: the
@@ -477,13 +480,13 @@ class Policy:
         return shadow
 
     def _verdict(self, position: int, args: tuple[Any, ...]) -> Verdict:
-        src = self.sources[position]
         kind = args[0]
-        family = src.family
-        local: tuple[LocalRecord, ...] = ()
         if kind == "name":
             _, meta, depth, matched, rule_name = args
             return self._name_verdict(position, meta, depth, matched, rule_name)
+        src = self.sources[position]
+        family = src.family
+        local: tuple[LocalRecord, ...] = ()
         if kind == "ip":
             _, iprule, matched = args
             rule_action, line = iprule.action, iprule.line
