@@ -23,6 +23,7 @@ import dns.rcode
 import pytest
 from dnslib import QTYPE, RR, A, DNSQuestion, DNSRecord
 from harness import FakeUpstream, ReceivedQuery, dns_query, free_port
+from harness.clients import query_wire, rss_kb, udp_burst
 from harness.scrape import metric, scrape
 
 pytestmark = pytest.mark.integration
@@ -360,60 +361,24 @@ def test_sighup_with_an_invalid_config_keeps_the_old_one(moat, tmp_path) -> None
 
 
 def burst(port: int, names: list[str], timeout: float) -> dict[str, tuple[int, float]]:
-    """Send every query at once from one socket; name -> (rcode, seconds) of its answer.
-    The socket gets a large receive buffer and is drained while sending: 300 answers
-    arriving together would overflow the kernel's default and look like lost answers."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    for opt in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
-        if opt is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, opt, 8 * 1024 * 1024)
-                break
-    sock.bind(("127.0.0.1", 0))
-    sent: dict[int, tuple[str, float]] = {}
-    out: dict[str, tuple[int, float]] = {}
-
-    def take(data: bytes) -> None:
-        r = dns.message.from_wire(data)
-        name, t0 = sent[r.id]
-        out[name] = (r.rcode(), time.monotonic() - t0)
-
-    try:
-        for i, name in enumerate(names):
-            q = dns.message.make_query(name, "A")
-            q.id = i
-            sent[i] = (name, time.monotonic())
-            sock.sendto(q.to_wire(), ("127.0.0.1", port))
-            sock.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                while True:
-                    take(sock.recv(4096))
-            sock.setblocking(True)
-        deadline = time.monotonic() + timeout
-        while len(out) < len(names) and time.monotonic() < deadline:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                data = sock.recv(4096)
-            except TimeoutError:
-                break
-            take(data)
-        return out
-    finally:
-        sock.close()
+    """Every query sent at once (harness udp_burst: batches of 50, replies read between
+    them); name -> (rcode, seconds) of its answer, waiting up to ``timeout`` s."""
+    times: dict[int, float] = {}
+    replies, _ = udp_burst("127.0.0.1", port, [query_wire(n, i) for i, n in enumerate(names)],
+                           settle=timeout, quiet=timeout, times=times)
+    return {names[qid]: (dns.message.from_wire(data).rcode(), times[qid])
+            for qid, data in replies.items()}
 
 
 def resources(pid: int) -> tuple[int, int]:
     """(open sockets, resident kB) of a process."""
-    fds = Path(f"/proc/{pid}/fd")
     sockets = 0
-    for fd in fds.iterdir():
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
             sockets += fd.readlink().name.startswith("socket:")
         except OSError:
             pass
-    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text()
-               .splitlines() if line.startswith("VmRSS:"))
-    return sockets, rss
+    return sockets, rss_kb(pid)
 
 
 def flapping(fake: FakeUpstream) -> Any:

@@ -22,6 +22,7 @@ import dns.message
 import dns.rcode
 import pytest
 from harness import FakeUpstream, free_port
+from harness.clients import framed, query_wire, recv_exact, rss_kb
 from harness.scrape import metric, scrape
 
 pytestmark = pytest.mark.integration
@@ -40,36 +41,6 @@ def write_config(tmp_path: Path, text: str) -> str:
 
 def shed(mport: int, reason: str) -> float:
     return metric(scrape(mport), "moat_shed_queries_total", reason=reason)
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-def query_wire(name: str, qid: int = 1, rdtype: str = "A", **kw: object) -> bytes:
-    q = dns.message.make_query(name, rdtype, **kw)  # type: ignore[arg-type]
-    q.id = qid
-    return q.to_wire()
-
-
-def framed(data: bytes) -> bytes:
-    return struct.pack("!H", len(data)) + data
-
-
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    for _ in range(100_000):
-        if len(buf) == n:
-            return buf
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("closed")
-        buf += chunk
-    raise ConnectionError("too many reads")
 
 
 def tcp_ask(host: str, port: int, name: str = "www.example.test", qid: int = 7,

@@ -29,6 +29,7 @@ import dns.query
 import dns.rcode
 import pytest
 from harness import NsdServer, free_port, free_port_on, require_binary
+from harness.clients import query_wire, recv_exact, udp_burst
 from harness.scrape import metric, scrape
 
 pytestmark = pytest.mark.integration
@@ -61,57 +62,6 @@ def ask(host: str, port: int, name: str, rdtype: str = "A", *, source: str | Non
 
 def addresses(r: dns.message.Message) -> list[str]:
     return sorted(rd.address for rrset in r.answer for rd in rrset if hasattr(rd, "address"))
-
-
-def query_wire(name: str, qid: int, rdtype: str = "A") -> bytes:
-    q = dns.message.make_query(name, rdtype)
-    q.id = qid
-    return q.to_wire()
-
-
-def udp_burst(host: str, port: int, packets: list[bytes], *, source: str = "127.0.0.1",
-              per_batch: int = 50, gap: float = 0.0, settle: float = 1.0
-              ) -> tuple[dict[int, bytes], float]:
-    """Send ``packets`` (distinct IDs) from one socket in batches, reading replies between
-    batches so neither side's socket buffer overflows; then wait for the rest (at most
-    ``settle`` s, or until nothing came for 0.2 s). Returns ({id: first reply}, seconds
-    the sending took)."""
-    replies: dict[int, bytes] = {}
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((source, 0))
-        s.setblocking(False)
-
-        def drain() -> int:
-            got = 0
-            for _ in range(100_000):
-                try:
-                    data = s.recv(4096)
-                except BlockingIOError:
-                    break
-                if len(data) >= 2:
-                    replies.setdefault(struct.unpack_from("!H", data)[0], data)
-                    got += 1
-            return got
-
-        t0 = time.monotonic()
-        for i in range(0, len(packets), per_batch):
-            for p in packets[i:i + per_batch]:
-                s.sendto(p, (host, port))
-            drain()
-            if gap:
-                time.sleep(gap)
-        sending = time.monotonic() - t0
-        end = time.monotonic() + settle
-        quiet_since = time.monotonic()
-        while len(replies) < len(packets):
-            now = time.monotonic()
-            if now >= end or now - quiet_since > 0.2:
-                break
-            time.sleep(0.01)
-            if drain():
-                quiet_since = time.monotonic()
-        drain()
-    return replies, sending
 
 
 def flags_of(reply: bytes) -> tuple[int, int, int]:
@@ -246,8 +196,8 @@ def test_flood_beyond_the_burst_gets_tc_or_nothing_tcp_refused_then_refills(
         s.sendall(b"".join(struct.pack("!H", len(q)) + q for q in qs))
         answers = []
         for _ in qs:
-            (length,) = struct.unpack("!H", _recv_exact(s, 2))
-            answers.append(flags_of(_recv_exact(s, length)))
+            (length,) = struct.unpack("!H", recv_exact(s, 2))
+            answers.append(flags_of(recv_exact(s, length)))
     refused = answers.count((dns.rcode.REFUSED, 0, 0))
     served = answers.count((0, 0, 1))
     assert refused + served == len(qs), [a for a in answers if a[0] not in (0, 5)]
@@ -259,18 +209,6 @@ def test_flood_beyond_the_burst_gets_tc_or_nothing_tcp_refused_then_refills(
     replies, _ = udp_burst(m.host, m.port,
                            [query_wire("www.example.test", 9000 + i) for i in range(60)])
     assert len(replies) == 60 and all(flags_of(r) == (0, 0, 1) for r in replies.values())
-
-
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    for _ in range(10_000):
-        if len(buf) == n:
-            return buf
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("closed")
-        buf += chunk
-    raise ConnectionError("too many reads")
 
 
 FLOODER = r"""

@@ -29,6 +29,7 @@ import dns.rrset
 import pytest
 from dnslib import RCODE, RR, DNSRecord
 from harness import FakeUpstream, MoatProcess, ReceivedQuery, free_port, free_port_on
+from harness.clients import framed
 from harness.scrape import metric, scrape
 
 pytestmark = pytest.mark.integration
@@ -77,10 +78,6 @@ def tcp_read_message(s: socket.socket) -> bytes:
             raise ConnectionError("closed mid-message")
         body += chunk
     return body
-
-
-def framed(data: bytes) -> bytes:
-    return struct.pack("!H", len(data)) + data
 
 
 def query_wire(name: str, rdtype: str = "A", qid: int | None = None, **kw: object) -> bytes:
