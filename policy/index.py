@@ -167,11 +167,13 @@ class NameIndex:
     def __len__(self) -> int:
         return self.size
 
-    def hits(self, name: str) -> list[tuple[int, int, str]] | None:
+    def hits(self, name: str, final: int = -1) -> list[tuple[int, int, str]] | None:
         """Every rule covering ``name``: (meta, depth, rule name), depth 0 = the name itself.
 
         Walks the name and its parents; at depth 0 a rule must cover the name itself
-        (scope bit 1), above it the names below it (scope bit 2).
+        (scope bit 1), above it the names below it (scope bit 2). A rule of source
+        ``final`` on the name itself ends the walk: the caller knows nothing can take
+        precedence over it (policy/engine.py), so the parents are not looked up.
         """
         if not self.size:
             return None
@@ -196,6 +198,8 @@ class NameIndex:
                 if k == h:
                     m = meta[i]
                     if (m >> SCOPE_SHIFT) & need:
+                        if depth == 0 and m & 0xFF == final:
+                            return [(m, 0, suffix)]
                         if out is None:
                             out = []
                         out.append((m, depth, suffix))

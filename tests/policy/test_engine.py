@@ -366,9 +366,50 @@ def test_memo_references_expand_to_the_verdicts_check_query_gives(tmp_path):
                     (str(want.rule), want.where, want.local_data, want.matched)
     assert check(policy, deep).trigger == Trigger.WILDCARD
     assert not isinstance(policy.check_query_ref(deep, A, "192.0.2.200"), int)
-    # nas, x.y.dga, local, a.shadow, bank-login: one rule each; ok.dga (the passthru and
-    # the wildcard) and both.test (two sources) are ranked; clean.example has none
-    assert refs == 5 * 3
+    # nas, x.y.dga, local, a.shadow, bank-login: one rule each; ok.dga and both.test: a
+    # rule of c2 (the first enforcing source) on the name itself, so the lookup stops
+    # there; clean.example has none; deep is deeper than a reference records
+    assert refs == 7 * 3
+
+
+PRECEDENCE_CASES = [
+    # (first source, second source, query, expected (source, action), the same with the
+    # first source in shadow mode (log-only))
+    # the first source's rule on the name itself: nothing can beat it
+    ("www.ex.test CNAME .", "*.ex.test CNAME *.", "www.ex.test", ("one", Action.NXDOMAIN),
+     ("two", Action.NODATA)),
+    # the second source's rule on the name itself loses to the first's wildcard above it
+    ("*.ex.test CNAME *.", "www.ex.test CNAME .", "www.ex.test", ("one", Action.NODATA),
+     ("two", Action.NXDOMAIN)),
+    ("*.test CNAME *.", "www.ex.test CNAME .", "www.ex.test", ("one", Action.NODATA),
+     ("two", Action.NXDOMAIN)),
+    # an allowlist entry in the first source on a parent
+    ("*.ex.test CNAME rpz-passthru.", "www.ex.test CNAME .", "www.ex.test",
+     ("one", Action.PASSTHRU), ("two", Action.NXDOMAIN)),
+    # the first source's exact rule does not cover names below it
+    ("ex.test CNAME .", "*.ex.test CNAME *.", "www.ex.test", ("two", Action.NODATA),
+     ("two", Action.NODATA)),
+    ("ex.test CNAME .", "*.ex.test CNAME *.", "ex.test", ("one", Action.NXDOMAIN),
+     ("one", Action.LOG_ONLY)),
+]
+
+
+@pytest.mark.parametrize("first,second,name,want,want_shadow", PRECEDENCE_CASES)
+@pytest.mark.parametrize("first_log_only", [False, True])
+def test_lookup_stops_only_where_nothing_can_take_precedence(
+        tmp_path, first, second, name, want, want_shadow, first_log_only):
+    """A lookup stops at a rule on the name itself from the first enforcing source (it
+    wins over every other name rule); anywhere else every parent is still looked up.
+    With the first source in shadow mode, the second is the first enforcing one."""
+    policy, _ = make_policy(tmp_path,
+                            ("one", first, {"action": "log-only"} if first_log_only else {}),
+                            ("two", second, {}))
+    v = check(policy, name)
+    assert (v.source, v.action) == (want_shadow if first_log_only else want)
+    ref = policy.check_query_ref(name, A, "192.0.2.200")
+    if isinstance(ref, int):
+        ref = policy.verdict_of(ref, name)
+    assert ref == v
 
 
 @pytest.mark.parametrize("override,action", [("sinkhole", Action.SINKHOLE),
