@@ -133,9 +133,10 @@ class IndexBuilder:
                 (scope[1:] != scope[:-1])
             keys, meta = keys[keep], meta[keep]
         k = max(1, math.ceil(math.log2(max(len(keys), 2))))
-        buckets = keys >> np.uint64(64 - k)
-        directory = np.searchsorted(buckets, np.arange((1 << k) + 1, dtype=np.uint64),
-                                    side="left").astype(np.uint32)
+        # dir[b] = entries in buckets before b: a count per bucket, summed up
+        directory = np.zeros((1 << k) + 1, dtype=np.uint32)
+        np.cumsum(np.bincount((keys >> np.uint64(64 - k)).astype(np.intp), minlength=1 << k),
+                  out=directory[1:])
         return np.ascontiguousarray(keys), np.ascontiguousarray(meta), directory, k
 
 

@@ -550,14 +550,14 @@ def _fast_scan(text: str) -> tuple[_FastRules, list[tuple[int, str]], int]:
     # style files nor zone dumps with absolute owners)
     cut = text.rfind("\n", 0, 1 << 17)
     head = text[:cut + 1] if cut > 0 else text
-    sample = scan(head, _RX1[head.count("\n*.") * 2 > head.count("\n")])
+    star_first = head.count("\n*.") * 2 > head.count("\n")  # the more frequent owner form
+    sample = scan(head, _RX1[star_first])
     if len(sample.careful) * 2 > sample.nlines:
         s2 = scan(text, _RX2, 1)
         return _tier2(s2), s2.careful, s2.nlines
-    stars = text.count("\n*.") + text.startswith("*.")
-    order = [False, True] if stars * 2 <= text.count("\n") else [True, False]
-    if not stars:
-        order = [False]
+    # the more frequent form first, judged by the head (counting the whole text costs more
+    # than a second pass over the few lines the first one leaves)
+    order = [True, False] if star_first else [False, True]
     rules = None
     pending: list[tuple[int, str]] | None = None
     count = 0
