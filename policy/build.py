@@ -410,62 +410,92 @@ def build_in_child(settings: PolicySettings, version: int, state_dir: str = "",
 
     Falls back to building in-process where fork is unavailable.
     """
-    if not hasattr(os, "fork"):
-        return build_policy(settings, version, state_dir, extra_rpz)
-    directory = index_dir(state_dir)
-    try:
-        return _build_in_child_at(directory, settings, version, state_dir, extra_rpz, unlink)
-    except RuntimeError as exc:
-        # A small tmpfs (a Pi's /run, Docker's 64 MB /dev/shm) may not hold a big index:
-        # the state directory is on disk and has room.
-        if "No space left" not in str(exc) or not state_dir or directory == state_dir:
-            raise
-        os.makedirs(state_dir, exist_ok=True)
-        return _build_in_child_at(state_dir, settings, version, state_dir, extra_rpz, unlink)
+    return start_build_in_child(settings, version, state_dir, extra_rpz, unlink).result()
 
 
-def _build_in_child_at(directory: str, settings: PolicySettings, version: int,
-                       state_dir: str, extra_rpz: tuple[str, ...], unlink: bool
-                       ) -> tuple[Policy, BuildReport]:
-    _remove_orphans(directory)
-    fd, path = tempfile.mkstemp(prefix=f"moat-policy-{os.getpid()}-{version}-",
-                                suffix=".idx", dir=directory)
-    os.close(fd)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: build, write, report errors through the pipe, exit
-        status = 1
+def start_build_in_child(settings: PolicySettings, version: int, state_dir: str = "",
+                         extra_rpz: tuple[str, ...] = (), unlink: bool = True) -> PendingBuild:
+    """Fork the child that builds, and return at once: ``result()`` waits for it. The
+    server starts its first build this way before it imports the rest of itself, so the
+    two overlap (on two cores or more)."""
+    return PendingBuild(settings, version, state_dir, extra_rpz, unlink)
+
+
+class PendingBuild:
+    """A policy build running in a forked child (see build_in_child)."""
+
+    def __init__(self, settings: PolicySettings, version: int, state_dir: str,
+                 extra_rpz: tuple[str, ...], unlink: bool) -> None:
+        self._args = (settings, version, state_dir, extra_rpz)
+        self._unlink = unlink
+        self._directory = index_dir(state_dir)
+        self._pid = 0
+        if hasattr(os, "fork"):
+            self._start(self._directory)
+
+    def result(self) -> tuple[Policy, BuildReport]:
+        settings, version, state_dir, extra_rpz = self._args
+        if not self._pid:
+            return build_policy(settings, version, state_dir, extra_rpz)
         try:
-            os.close(read_end)
-            builder, parts, report = build_parts(settings, version, state_dir, extra_rpz)
-            write_index_file(path, builder, parts, report)
-            status = 0
-        except BaseException as exc:  # noqa: BLE001 - everything goes to the parent
+            return self._finish()
+        except RuntimeError as exc:
+            # A small tmpfs (a Pi's /run, Docker's 64 MB /dev/shm) may not hold a big
+            # index: the state directory is on disk and has room.
+            if "No space left" not in str(exc) or not state_dir or \
+                    self._directory == state_dir:
+                raise
+            os.makedirs(state_dir, exist_ok=True)
+            self._directory = state_dir
+            self._start(state_dir)
+            return self._finish()
+
+    def _start(self, directory: str) -> None:
+        settings, version, state_dir, extra_rpz = self._args
+        _remove_orphans(directory)
+        fd, path = tempfile.mkstemp(prefix=f"moat-policy-{os.getpid()}-{version}-",
+                                    suffix=".idx", dir=directory)
+        os.close(fd)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: build, write, report errors through the pipe, exit
+            status = 1
             try:
-                os.write(write_end, f"{type(exc).__name__}: {exc}".encode()[:4000])
+                os.close(read_end)
+                builder, parts, report = build_parts(settings, version, state_dir, extra_rpz)
+                write_index_file(path, builder, parts, report)
+                status = 0
+            except BaseException as exc:  # noqa: BLE001 - everything goes to the parent
+                try:
+                    os.write(write_end, f"{type(exc).__name__}: {exc}".encode()[:4000])
+                except OSError:
+                    pass
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        self._pid, self._read_end, self._path = pid, read_end, path
+
+    def _finish(self) -> tuple[Policy, BuildReport]:
+        chunks = []
+        while True:
+            chunk = os.read(self._read_end, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(self._read_end)
+        _, wstatus = os.waitpid(self._pid, 0)
+        code = os.waitstatus_to_exitcode(wstatus)
+        if code != 0:
+            try:
+                os.unlink(self._path)
             except OSError:
                 pass
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    chunks = []
-    while True:
-        chunk = os.read(read_end, 4096)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(read_end)
-    _, wstatus = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(wstatus) != 0:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        raise RuntimeError("policy build failed: " +
-                           (b"".join(chunks).decode(errors="replace") or
-                            f"exit status {os.waitstatus_to_exitcode(wstatus)}"))
-    return open_index_file(path, unlink=unlink)
+            raise RuntimeError("policy build failed: " +
+                               (b"".join(chunks).decode(errors="replace") or
+                                f"exit status {code}"))
+        return open_index_file(self._path, unlink=self._unlink)
 
 
 __all__ = ["BuildReport", "SourceReport", "build_policy", "build_in_child", "all_sources",
+           "PendingBuild", "start_build_in_child",
            "open_index_file", "write_index_file", "selftest_sources", "SELFTEST_DOMAIN"]

@@ -25,12 +25,18 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
 from policy import EmptyPolicy
-from policy.build import BuildReport, all_sources, build_in_child, open_index_file
+from policy.build import (
+    BuildReport,
+    PendingBuild,
+    all_sources,
+    build_in_child,
+    open_index_file,
+)
 
 from . import config as config_mod
 from .acl import AccessList
 from .cache import AnswerCache
-from .config import Config, ConfigError
+from .config import Config, ConfigError, default_state_dir
 from .feeds import FeedManager
 from .metrics import MetricsServer, MoatCollector
 from .pipeline import Pipeline, PipelineSettings, PolicyHolder
@@ -45,23 +51,16 @@ from .xfr import ZoneTransfers
 log = logging.getLogger("moat")
 
 
-def default_state_dir() -> str:
-    env = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-    if env:
-        return env
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"),
-                                                             ".local", "state")
-    return os.path.join(base, "moat")
-
-
 class App:
     def __init__(self, config: Config, *, extra_rpz: tuple[str, ...] = (),
                  overrides: dict[str, Any] | None = None,
                  registry: CollectorRegistry | None = None, role: str = "single",
-                 sockets: list[tuple[str, int, Any, Any]] | None = None) -> None:
+                 sockets: list[tuple[str, int, Any, Any]] | None = None,
+                 first_build: PendingBuild | None = None) -> None:
         """``role``: "single" (the whole server) or "worker" (one of several processes
         sharing the port: listeners on ``sockets``, the policy pushed by the supervisor,
-        metrics and feeds handled there; see resolver/workers.py)."""
+        metrics and feeds handled there; see resolver/workers.py). ``first_build``: the
+        first policy (version 1), already building (see resolver/cli.py)."""
         self.role = role
         self.sockets = sockets
         self.config = config
@@ -102,6 +101,7 @@ class App:
         self.zones: ZoneTransfers | None = None
         self._changed_sources: set[str] = set()
         self._rebuild_pending = False
+        self._first_build = first_build
 
     @staticmethod
     def _upstream_settings(cfg: Config) -> UpstreamSettings:
@@ -159,9 +159,14 @@ class App:
             cfg = self.config
             t0 = time.perf_counter()
             loop = asyncio.get_running_loop()
+            first, self._first_build = self._first_build, None
             try:
-                policy, report = await loop.run_in_executor(
-                    None, build_in_child, cfg.policy, version, self.state_dir, self.extra_rpz)
+                if first is not None and version == 1:
+                    policy, report = await loop.run_in_executor(None, first.result)
+                else:
+                    policy, report = await loop.run_in_executor(
+                        None, build_in_child, cfg.policy, version, self.state_dir,
+                        self.extra_rpz)
             except Exception as exc:  # noqa: BLE001 - keep serving the last good policy
                 self._version -= 1  # versions count policies that served
                 self.reloads["failed"] += 1

@@ -133,11 +133,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .workers import Supervisor
 
         return Supervisor(cfg, extra_rpz=tuple(args.rpz), overrides=_overrides(args)).run()
+    first_build = None
+    if not any(s.url or s.zone for s in cfg.policy.sources):
+        # Only files (the first build waits for no download): start building now, and
+        # import the server while the child parses (about 0.3 s of 2 s with a 1M list).
+        from policy.build import start_build_in_child
+
+        first_build = start_build_in_child(cfg.policy, 1,
+                                           cfg.server.state_dir or config_mod.default_state_dir(),
+                                           tuple(args.rpz))
     from .app import App
 
     loop = _new_loop()
     asyncio.set_event_loop(loop)
-    app = App(cfg, extra_rpz=tuple(args.rpz), overrides=_overrides(args))
+    app = App(cfg, extra_rpz=tuple(args.rpz), overrides=_overrides(args),
+              first_build=first_build)
     try:
         loop.run_until_complete(app.run())
     except OSError as exc:
@@ -155,7 +165,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from policy.formats import normalise_name
 
     from . import wire
-    from .app import default_state_dir
+    from .config import default_state_dir
 
     cfg = _load_config(args)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,

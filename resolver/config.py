@@ -31,6 +31,15 @@ DEFAULT_LISTEN = ("127.0.0.1:5353", "[::1]:5353")
 DEFAULT_UPSTREAMS = ("9.9.9.9", "149.112.112.112")
 
 
+def default_state_dir() -> str:
+    env = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if env:
+        return env
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                             ".local", "state")
+    return os.path.join(base, "moat")
+
+
 class ConfigError(Exception):
     """Raised with every problem found, one per line."""
 

@@ -70,7 +70,7 @@ class Worker:
 class Supervisor:
     def __init__(self, config: Config, *, extra_rpz: tuple[str, ...] = (),
                  overrides: dict[str, Any] | None = None) -> None:
-        from .app import default_state_dir
+        from .config import default_state_dir
 
         self.config = config
         self.extra_rpz = extra_rpz
