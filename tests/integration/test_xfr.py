@@ -69,6 +69,13 @@ def source(knot: KnotServer, name: str = "rpz", **kw: Any) -> SourceSettings:
                           primary=f"127.0.0.1:{knot.port}", **kw)
 
 
+class Changes(list[str]):
+    """The sources ZoneTransfers reported as changed, in order (its on_change callback)."""
+
+    async def record(self, name: str) -> None:
+        self.append(name)
+
+
 def sample(zt: Any, metric: str, **labels: str) -> float | None:
     for family in zt.collect():
         for s in family.samples:
@@ -200,13 +207,10 @@ def test_axfr_then_notify_ixfr_and_restart(tmp_path: Path, knot_bin: None) -> No
     notify_port = free_port_on("127.0.0.1")
     with KnotServer({ORIGIN: rpz(1, *RULES1)}, notify_to=[("127.0.0.1", notify_port)]) as knot:
         src = source(knot)
-        changes: list[str] = []
-
-        async def on_change(name: str) -> None:
-            changes.append(name)
+        changes = Changes()
 
         async def scenario() -> None:
-            zt = ZoneTransfers([src], str(tmp_path), on_change)
+            zt = ZoneTransfers([src], str(tmp_path), changes.record)
             listener = await NotifyListener(notify_port, zt.handle_notify).start()
             try:
                 t0 = time.monotonic()
@@ -263,7 +267,7 @@ def test_axfr_then_notify_ixfr_and_restart(tmp_path: Path, knot_bin: None) -> No
             # Restart: the copy on disk protects at once; the first check is an IXFR
             # from its serial, in the background.
             changes.clear()
-            zt2 = ZoneTransfers([src], str(tmp_path), on_change)
+            zt2 = ZoneTransfers([src], str(tmp_path), changes.record)
             try:
                 t0 = time.monotonic()
                 await zt2.start(initial_timeout=10)
@@ -285,12 +289,10 @@ def test_notify_from_others_is_refused(tmp_path: Path, knot_bin: None) -> None:
     notify_port = free_port_on("127.0.0.1")
     with KnotServer({ORIGIN: rpz(1, *RULES1)}) as knot:
         src = source(knot)
-
-        async def on_change(name: str) -> None:
-            pass
+        changes = Changes()  # (none expected)
 
         async def scenario() -> None:
-            zt = ZoneTransfers([src], str(tmp_path), on_change)
+            zt = ZoneTransfers([src], str(tmp_path), changes.record)
             listener = await NotifyListener(notify_port, zt.handle_notify).start()
             try:
                 await zt.start(initial_timeout=10)
@@ -324,7 +326,7 @@ def test_notify_from_others_is_refused(tmp_path: Path, knot_bin: None) -> None:
             # A process that only answers NOTIFY (a worker: never started) passes accepted
             # ones on through on_notify.
             passed: list[str] = []
-            answering = ZoneTransfers([src], str(tmp_path / "w"), on_change,
+            answering = ZoneTransfers([src], str(tmp_path / "w"), changes.record,
                                       on_notify=passed.append)
             q = notify_message()
             raw = answering.handle_notify(q.to_wire(), ("127.0.0.2", 5300))
@@ -350,21 +352,18 @@ def test_tsig_transfers_and_notify(tmp_path: Path, knot_bin: None) -> None:
     with KnotServer({ORIGIN: rpz(1, *RULES1)}, notify_to=[("127.0.0.1", notify_port)],
                     tsig=("xfr-key", "hmac-sha256", secret)) as knot:
         src = source(knot, tsig=tsig)
-        changes: list[str] = []
-
-        async def on_change(name: str) -> None:
-            changes.append(name)
+        changes = Changes()
 
         async def scenario() -> None:
             # Without the key the primary refuses the transfer: no copy appears.
             unsigned_dir = tmp_path / "unsigned"
-            zt0 = ZoneTransfers([source(knot)], str(unsigned_dir), on_change)
+            zt0 = ZoneTransfers([source(knot)], str(unsigned_dir), changes.record)
             out = await zt0.refresh("rpz")
             assert out.result == "refused", out
             assert not (unsigned_dir / "zones" / "rpz.zone").exists()
             await zt0.stop()
 
-            zt = ZoneTransfers([src], str(tmp_path), on_change)
+            zt = ZoneTransfers([src], str(tmp_path), changes.record)
             listener = await NotifyListener(notify_port, zt.handle_notify).start()
             try:
                 await zt.start(initial_timeout=10)
@@ -412,12 +411,10 @@ def test_primary_down_keeps_the_copy_and_expiry_is_loud(
     knot.start()
     try:
         src = source(knot, timeout=2.0)
-
-        async def on_change(name: str) -> None:
-            pass
+        changes = Changes()
 
         async def scenario() -> None:
-            zt = ZoneTransfers([src], str(tmp_path), on_change, clock=clock)
+            zt = ZoneTransfers([src], str(tmp_path), changes.record, clock=clock)
             try:
                 await zt.start(initial_timeout=10)
                 path = tmp_path / "zones" / "rpz.zone"
@@ -460,13 +457,10 @@ def test_ixfr_answered_with_full_zone_counts_as_axfr(tmp_path: Path, knot_bin: N
     (zones / "rpz.zone").write_text(rpz(3, "stale.example CNAME ."))
     with KnotServer({ORIGIN: rpz(5, *RULES1)}) as knot:
         src = source(knot)
-        changes: list[str] = []
-
-        async def on_change(name: str) -> None:
-            changes.append(name)
+        changes = Changes()
 
         async def scenario() -> None:
-            zt = ZoneTransfers([src], str(tmp_path), on_change)
+            zt = ZoneTransfers([src], str(tmp_path), changes.record)
             try:
                 await zt.start(initial_timeout=10)  # a copy exists: no waiting
                 await wait_for(lambda: changes == ["rpz"], 10, "the transfer")
@@ -539,13 +533,10 @@ def test_refresh_timer_picks_up_a_change_without_notify(tmp_path: Path, knot_bin
     (2 s here) finds the new serial and the change arrives by IXFR."""
     with KnotServer({ORIGIN: rpz(1, *RULES1, refresh=2, retry=1)}) as knot:
         src = source(knot)
-        changes: list[str] = []
-
-        async def on_change(name: str) -> None:
-            changes.append(name)
+        changes = Changes()
 
         async def scenario() -> None:
-            zt = ZoneTransfers([src], str(tmp_path), on_change)
+            zt = ZoneTransfers([src], str(tmp_path), changes.record)
             try:
                 await zt.start(initial_timeout=10)
                 assert zt.serial("rpz") == 1
