@@ -410,22 +410,16 @@ def build_in_child(settings: PolicySettings, version: int, state_dir: str = "",
 
     Falls back to building in-process where fork is unavailable.
     """
-    return start_build_in_child(settings, version, state_dir, extra_rpz, unlink).result()
-
-
-def start_build_in_child(settings: PolicySettings, version: int, state_dir: str = "",
-                         extra_rpz: tuple[str, ...] = (), unlink: bool = True) -> PendingBuild:
-    """Fork the child that builds, and return at once: ``result()`` waits for it. The
-    server starts its first build this way before it imports the rest of itself, so the
-    two overlap (on two cores or more)."""
-    return PendingBuild(settings, version, state_dir, extra_rpz, unlink)
+    return PendingBuild(settings, version, state_dir, extra_rpz, unlink).result()
 
 
 class PendingBuild:
-    """A policy build running in a forked child (see build_in_child)."""
+    """A policy build running in a forked child: made, it forks at once; ``result()``
+    waits for the child and maps the index. The server starts its first build this way
+    before it imports the rest of itself, so the two overlap (on two cores or more)."""
 
-    def __init__(self, settings: PolicySettings, version: int, state_dir: str,
-                 extra_rpz: tuple[str, ...], unlink: bool) -> None:
+    def __init__(self, settings: PolicySettings, version: int, state_dir: str = "",
+                 extra_rpz: tuple[str, ...] = (), unlink: bool = True) -> None:
         self._args = (settings, version, state_dir, extra_rpz)
         self._unlink = unlink
         self._directory = index_dir(state_dir)
@@ -497,5 +491,5 @@ class PendingBuild:
 
 
 __all__ = ["BuildReport", "SourceReport", "build_policy", "build_in_child", "all_sources",
-           "PendingBuild", "start_build_in_child",
+           "PendingBuild",
            "open_index_file", "write_index_file", "selftest_sources", "SELFTEST_DOMAIN"]

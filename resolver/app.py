@@ -161,7 +161,7 @@ class App:
             loop = asyncio.get_running_loop()
             first, self._first_build = self._first_build, None
             try:
-                if first is not None and version == 1:
+                if first is not None:  # the first build (version 1), already running
                     policy, report = await loop.run_in_executor(None, first.result)
                 else:
                     policy, report = await loop.run_in_executor(

@@ -134,14 +134,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         return Supervisor(cfg, extra_rpz=tuple(args.rpz), overrides=_overrides(args)).run()
     first_build = None
-    if not any(s.url or s.zone for s in cfg.policy.sources):
-        # Only files (the first build waits for no download): start building now, and
-        # import the server while the child parses (about 0.3 s of 2 s with a 1M list).
-        from policy.build import start_build_in_child
+    if not any(s.url or (s.zone and s.primary) for s in cfg.policy.sources):
+        # Only files (no feed or zone for the first build to wait for, as in
+        # app.start_network_sources): start building now, and import the server while
+        # the child parses (about 0.1 s of 2 s with a 1M list).
+        from policy.build import PendingBuild
 
-        first_build = start_build_in_child(cfg.policy, 1,
-                                           cfg.server.state_dir or config_mod.default_state_dir(),
-                                           tuple(args.rpz))
+        first_build = PendingBuild(cfg.policy, 1,
+                                   cfg.server.state_dir or config_mod.default_state_dir(),
+                                   tuple(args.rpz))
     from .app import App
 
     loop = _new_loop()
