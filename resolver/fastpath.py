@@ -93,6 +93,11 @@ def _question_name(data: bytes, zero: int) -> str | None:
     return name.decode("ascii").lower()
 
 
+def _template_key(v: Any, qtype: int, flags: bytes, edns: bool, do: bool) -> tuple[Any, ...]:
+    """The templates key of a synthesised answer made from Verdict ``v``."""
+    return (v.source_index, v.family, v.action, qtype, flags, edns, do)
+
+
 class FastPath:
     def __init__(self, pipeline: Any) -> None:
         self.p = pipeline
@@ -140,8 +145,7 @@ class FastPath:
                 verdict.policy_version != self.version or len(self.templates) > _MEMO_LIMIT:
             return
         qtype = query.qtype
-        key = (verdict.source_index, verdict.family, verdict.action, qtype,
-               query.data[2:4], query.edns, query.do)
+        key = _template_key(verdict, qtype, query.data[2:4], query.edns, query.do)
         count_key = (verdict.category, verdict.family, verdict.action.label, verdict.source,
                      qtype if qtype in QTYPE_LABELS else 0, answer[3] & 0x0F)
         self.templates[key] = (answer[2:12], answer[query.qend:], verdict.category, count_key)
@@ -271,8 +275,7 @@ class FastPath:
             if template is None:
                 template = self._template_for_ref(v, data, qend, qtype, flags, edns, do != 0)
         else:
-            template = self.templates.get((v.source_index, v.family, v.action, qtype, flags,
-                                           edns, do != 0))
+            template = self.templates.get(_template_key(v, qtype, flags, edns, do != 0))
         if template is None:
             return False
         header, tail, category, count_key = template
@@ -298,8 +301,7 @@ class FastPath:
         if name is None:
             return None
         v = self.p.holder.policy.verdict_of(ref, name)
-        template = self.templates.get((v.source_index, v.family, v.action, qtype, flags,
-                                       edns, do))
+        template = self.templates.get(_template_key(v, qtype, flags, edns, do))
         if template is not None and len(self.templates) <= _MEMO_LIMIT:
             self.templates[(ref & REF_HEAD_MASK, qtype, flags, edns, do)] = template
         return template
