@@ -750,6 +750,76 @@ def test_generated_fast_equals_careful(fmt: str, seed: int) -> None:
     assert len(fast.names) + len(fast.problems) > 0
 
 
+def plain_rpz(seed: int, count: int, odd: float) -> bytes:
+    """An RPZ file of mostly ``name CNAME .`` lines (tier 0's form), with a header and, at
+    rate ``odd``, any other line form and odd names in between."""
+    rnd = random.Random(seed)
+    lines = ["$TTL 60", "@ SOA ns. host. 1 2 3 4 5", " NS ns."]
+    for i in range(count):
+        if rnd.random() < odd:
+            lines.append(rnd.choice(LINE_FORMS["rpz"]).format(n=rnd.choice(ODD_NAMES)))
+        else:
+            parent = rnd.choice(["example", "ex-1.test", "a_b.io"])
+            lines.append(f"h{i}-{rnd.randrange(10**6)}.{parent} CNAME .")
+    return ("\n".join(lines) + rnd.choice(["", "\n"])).encode()
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("odd", [0.0, 0.01, 0.2])
+def test_rpz_tier0_fast_equals_careful(seed: int, odd: float,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # runs of any length go to tier 0 (in production only runs of 64 kB and more do)
+    monkeypatch.setattr(rpz, "_RUN0_MIN", 1)
+    monkeypatch.setattr(rpz, "_RUN0_SEEK", 4 + seed % 3)  # past the 3-line header
+    data = plain_rpz(seed, 600, odd)
+    fast = rpz.parse(data, "p")
+    assert fast == rpz.parse(data, "p", fast=False)
+    monkeypatch.setattr(rpz, "_RUN0_MIN", 1 << 62)  # tiers 1 and 2 only: the same again
+    assert fast == rpz.parse(data, "p")
+
+
+def test_rpz_tier0_reads_a_long_plain_list_in_one_run() -> None:
+    data = plain_rpz(1, 5000, 0.0).rstrip(b"\n") + b"\n"
+    text, _ = rpz.decode(data)
+    header = text.index(" NS ns.\n") + len(" NS ns.\n")
+    assert rpz._next_run(text, 0, rpz._RUN0[False]) == (header, len(text))  # all but 3 lines
+    rules, careful, count = rpz._fast_scan(text)
+    assert [ln for ln, _ in careful] == [1, 2, 3] and count == 5003
+    assert len(rules.names) == 5000 and list(rules.lines) == list(range(4, 5004))
+    # a list whose every line carries a comment (abuse.ch style) has no run: tiers 1 and 2
+    commented = text.replace(" CNAME .\n", " CNAME . ; c\n")
+    assert rpz._next_run(commented, 0, rpz._RUN0[False]) is None
+
+
+def test_rpz_tier0_broken_lines_in_a_long_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a long plain list with broken, upper-case and commented lines in the middle: each
+    # broken line is reported with its number, everything else loads, as the careful path
+    monkeypatch.setattr(rpz, "_RUN0_MIN", 1 << 12)
+    lines = [f"n{i}.example CNAME ." for i in range(6000)]
+    lines[2000] = "bad..example CNAME ."
+    lines[2001] = "Upper.Example CNAME ."
+    lines[4000] = "c.example CNAME . ; family=Emotet"
+    lines[4001] = "-dash.example CNAME ."
+    data = ("\n".join(lines) + "\n").encode()
+    ps = both("rpz", data)
+    assert [(p.line, p.message.split(":")[0]) for p in ps.problems] == [
+        (2001, "owner 'bad..example' is not a valid name"),
+        (4002, "owner '-dash.example' is not a valid name")]
+    assert len(ps) == 5998 and ps.names[2000] == "upper.example"
+    assert ps.families == {3999: "Emotet"} and ps.lines[3999] == 4001
+    text, _ = rpz.decode(data)
+    rules, careful, _ = rpz._fast_scan(text)
+    assert [ln for ln, _ in careful] == [2001, 4002]  # the rest took the bulk tiers
+
+
+def test_rpz_tier0_ip_triggers_are_not_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rpz, "_RUN0_MIN", 1)
+    data = b"a.example CNAME .\n32.1.2.0.192.rpz-ip CNAME .\nb.example CNAME .\n"
+    ps = both("rpz", data)
+    assert ps.names == ["a.example", "b.example"]
+    assert [(r.trigger, r.network) for r in ps.ip_rules] == [(Trigger.RESPONSE_IP, "192.0.2.1/32")]
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(ODD_NAMES + ["q.example", "Q.EXAMPLE"]),
                           st.integers(0, 50)), max_size=20),
