@@ -22,6 +22,7 @@ one that never loaded is reported, and the others still protect.
 
 from __future__ import annotations
 
+import gc
 import json
 import mmap
 import os
@@ -36,6 +37,7 @@ import numpy as np
 
 from . import formats
 from .engine import SPARSE_STEP, Policy, PolicyParts, SourceInfo
+from .formats import _common as formats_common
 from .index import MAX_FAMILIES, MAX_SOURCES, IndexBuilder, NameIndex
 from .rules import Action, ParsedSource, PatternRule, Scope
 from .settings import PolicySettings, SourceSettings
@@ -419,13 +421,15 @@ def _remove_orphans(directory: str) -> None:
 
 
 def build_in_child(settings: PolicySettings, version: int, state_dir: str = "",
-                   extra_rpz: tuple[str, ...] = (), unlink: bool = True
-                   ) -> tuple[Policy, BuildReport]:
+                   extra_rpz: tuple[str, ...] = (), unlink: bool = True,
+                   starting: bool = False) -> tuple[Policy, BuildReport]:
     """Fork, build in the child, map the result here. Blocking: call it from a thread.
 
-    Falls back to building in-process where fork is unavailable.
+    ``starting``: nothing is answering queries yet (the first policy at start-up), so the
+    child may use a second core too (``formats._common.SECOND_PROCESS``). Falls back to
+    building in-process where fork is unavailable.
     """
-    return PendingBuild(settings, version, state_dir, extra_rpz, unlink).result()
+    return PendingBuild(settings, version, state_dir, extra_rpz, unlink, starting).result()
 
 
 class PendingBuild:
@@ -434,9 +438,11 @@ class PendingBuild:
     before it imports the rest of itself, so the two overlap (on two cores or more)."""
 
     def __init__(self, settings: PolicySettings, version: int, state_dir: str = "",
-                 extra_rpz: tuple[str, ...] = (), unlink: bool = True) -> None:
+                 extra_rpz: tuple[str, ...] = (), unlink: bool = True,
+                 starting: bool = False) -> None:
         self._args = (settings, version, state_dir, extra_rpz)
         self._unlink = unlink
+        self._starting = starting
         self._directory = index_dir(state_dir)
         self._pid = 0
         if hasattr(os, "fork"):
@@ -468,6 +474,11 @@ class PendingBuild:
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # child: build, write, report errors through the pipe, exit
+            # No cyclic GC in a child that lives a second: its collections would walk the
+            # server's inherited objects too (and write to their pages); exit frees all.
+            gc.disable()
+            if self._starting and len(os.sched_getaffinity(0)) > 1:
+                formats_common.SECOND_PROCESS = True
             status = 1
             try:
                 os.close(read_end)

@@ -105,7 +105,9 @@ class IndexBuilder:
 
     def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """(keys, meta, dir, k): sorted, de-duplicated on (key, source, scope)."""
-        if self._keys:
+        if len(self._keys) == 1:
+            keys, meta = self._keys[0], self._meta[0]
+        elif self._keys:
             keys = np.concatenate(self._keys)
             meta = np.concatenate(self._meta)
         else:
@@ -118,7 +120,7 @@ class IndexBuilder:
             order = np.argsort(keys, kind="quicksort")
             keys, meta = keys[order], meta[order]
             same = keys[1:] == keys[:-1]
-            if same.any():
+            if same.any():  # (no equal keys, the usual case: nothing to order or drop)
                 run = np.flatnonzero(np.concatenate(([False], same)) |
                                      np.concatenate((same, [False])))
                 m = meta[run]
@@ -126,12 +128,11 @@ class IndexBuilder:
                                   (m >> np.uint64(SCOPE_SHIFT)) & np.uint64(3),
                                   m & np.uint64(0xFF), keys[run]))
                 meta[run] = m[sub]
-            source = meta & np.uint64(0xFF)
-            scope = (meta >> np.uint64(SCOPE_SHIFT)) & np.uint64(3)
-            keep = np.ones(len(keys), dtype=bool)
-            keep[1:] = (keys[1:] != keys[:-1]) | (source[1:] != source[:-1]) | \
-                (scope[1:] != scope[:-1])
-            keys, meta = keys[keep], meta[keep]
+                source = meta & np.uint64(0xFF)
+                scope = (meta >> np.uint64(SCOPE_SHIFT)) & np.uint64(3)
+                keep = np.ones(len(keys), dtype=bool)
+                keep[1:] = ~same | (source[1:] != source[:-1]) | (scope[1:] != scope[:-1])
+                keys, meta = keys[keep], meta[keep]
         k = max(1, math.ceil(math.log2(max(len(keys), 2))))
         # dir[b] = entries in buckets before b: a count per bucket, summed up
         directory = np.zeros((1 << k) + 1, dtype=np.uint32)

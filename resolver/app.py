@@ -12,6 +12,7 @@ Signals: SIGTERM/SIGINT stop accepting, let in-flight queries finish (bounded by
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -165,8 +166,9 @@ class App:
                     policy, report = await loop.run_in_executor(None, first.result)
                 else:
                     policy, report = await loop.run_in_executor(
-                        None, build_in_child, cfg.policy, version, self.state_dir,
-                        self.extra_rpz)
+                        None, functools.partial(build_in_child, cfg.policy, version,
+                                                self.state_dir, self.extra_rpz,
+                                                starting=not self.listening))
             except Exception as exc:  # noqa: BLE001 - keep serving the last good policy
                 self._version -= 1  # versions count policies that served
                 self.reloads["failed"] += 1

@@ -142,7 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         first_build = PendingBuild(cfg.policy, 1,
                                    cfg.server.state_dir or config_mod.default_state_dir(),
-                                   tuple(args.rpz))
+                                   tuple(args.rpz), starting=True)
     from .app import App
 
     loop = _new_loop()

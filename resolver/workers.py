@@ -108,12 +108,13 @@ class Supervisor:
 
     # --- policy --------------------------------------------------------------------
 
-    def build(self) -> BuildReport | None:
-        """Build the next policy version into an index file that workers will map."""
+    def build(self, starting: bool = False) -> BuildReport | None:
+        """Build the next policy version into an index file that workers will map
+        (``starting``: no worker answers yet, the build may use a second core)."""
         self.version += 1
         try:
             policy, report = build_in_child(self.config.policy, self.version, self.state_dir,
-                                            self.extra_rpz, unlink=False)
+                                            self.extra_rpz, unlink=False, starting=starting)
         except Exception as exc:  # noqa: BLE001 - keep the last good policy
             self.reloads["failed"] += 1
             log.error("policy build %d failed (%s); workers keep the current one",
@@ -178,7 +179,7 @@ class Supervisor:
         self._reload_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         await self._start_sources()
-        report = await loop.run_in_executor(None, self.build)
+        report = await loop.run_in_executor(None, self.build, True)
         if report is None:
             log.error("no policy: not starting")
             return 1
@@ -258,7 +259,7 @@ class Supervisor:
                     log.error("config reload rejected, keeping the running config:\n  %s",
                               "\n  ".join(exc.problems))
             loop = asyncio.get_running_loop()
-            report = await loop.run_in_executor(None, self.build)
+            report = await loop.run_in_executor(None, self.build, True)
             if report is None:
                 return
             for w in self.workers:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import array
 import gc
 import operator
+import os
 import re
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
@@ -124,6 +125,61 @@ def _chunks(text: str) -> Iterator[str]:
         yield text[start:nl + 1]
         start = nl + 1
     yield text[start:]
+
+
+#: Whether a forked second process may check half of a long run of lines (see
+#: :func:`run_end`). Only the child that builds the first policy sets it: the server is
+#: not answering yet, so a second core would idle; later builds leave the core to it.
+SECOND_PROCESS = False
+SECOND_PROCESS_MIN = 1 << 22  # characters: below this a fork costs more than it saves
+_PROBE = 1 << 16  # characters checked here first: a short run (a header line) forks nothing
+
+
+def run_end(rx: re.Pattern[str], text: str, pos: int) -> int:
+    """``rx.match(text, pos).end()`` (``pos`` if it does not match), for a regex that
+    matches whole lines one after another, with nothing carried from one line to the next.
+
+    With :data:`SECOND_PROCESS`, a long run is checked in two halves at once: a forked
+    process matches from a line start near the middle while this one matches up to it.
+    The halves join when the first reaches the middle; otherwise the run ended in the
+    first half. (The 1M-name list: 0.18 s instead of 0.29 s on two cores.)
+    """
+    probe = text.rfind("\n", pos, pos + _PROBE) + 1
+    if not SECOND_PROCESS or probe <= pos or len(text) - probe < SECOND_PROCESS_MIN:
+        m = rx.match(text, pos)
+        return m.end() if m else pos
+    m = rx.match(text, pos, probe)
+    if m is None or m.end() < probe:  # a short run: not worth a process
+        return m.end() if m else pos
+    mid = text.find("\n", (probe + len(text)) // 2) + 1
+    if mid <= probe:
+        m = rx.match(text, probe)
+        return m.end() if m else probe
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the second half; the answer is its end, as digits
+        try:
+            os.close(read_end)
+            m = rx.match(text, mid)
+            os.write(write_end, b"%d" % (m.end() if m else mid))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        m = rx.match(text, probe, mid)
+        first = m.end() if m else probe
+    finally:
+        reply = b""
+        while chunk := os.read(read_end, 64):
+            reply += chunk
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    if first < mid:
+        return first
+    if reply:
+        return int(reply)
+    m = rx.match(text, mid)  # the second process failed: do its half here
+    return m.end() if m else mid
 
 
 class Scan(NamedTuple):

@@ -73,6 +73,7 @@ from ._common import (
     comment_header,
     decode,
     no_gc,
+    run_end,
     scan,
     scan_lines,
     split_lines,
@@ -592,8 +593,7 @@ def _next_run(text: str, pos: int, rx0: re.Pattern[str]) -> tuple[int, int] | No
     """(start, end) of the first tier-0 run of at least ``_RUN0_MIN`` characters that
     starts within ``_RUN0_SEEK`` lines of ``pos`` (a line start), else None."""
     for _ in range(_RUN0_SEEK):
-        m = rx0.match(text, pos)
-        end = m.end() if m else pos
+        end = run_end(rx0, text, pos)
         if end - pos >= _RUN0_MIN:
             return pos, end
         nl = text.find("\n", end)  # the line that ended the run (or this one) is not plain
