@@ -380,7 +380,7 @@ def open_index_file(path: str, unlink: bool = True) -> tuple[Policy, BuildReport
         return view[base + off:base + off + length]
 
     parts, report = pickle.loads(section("parts"))
-    index = NameIndex(section("keys").cast("Q"), section("meta").cast("Q"),
+    index = NameIndex(section("keys").cast("q"), section("meta").cast("Q"),
                       section("dir").cast("I"), header["k"], tuple(header["labels"]), (mm,))
     policy = Policy(report.version, index, parts)
     policy.index_file = path

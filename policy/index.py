@@ -1,14 +1,18 @@
 """The compact QNAME index: a million names in ~16 MB, looked up in a few hundred ns.
 
-Layout (three flat arrays, sorted together by key):
+Layout (three flat arrays; ``keys`` and ``meta`` sorted together by key):
 
-* ``keys``  uint64 — ``hash(name) & (2**64 - 1)`` of each rule's normalised name;
+* ``keys``  int64 — ``hash(name)`` of each rule's normalised name (signed, as Python
+  gives it: the lookup uses it unchanged);
 * ``meta``  uint64 — what the rule is, packed: bits 0-7 source position, 8-9 scope
   (1 = the name itself, 2 = names below it), 10-13 action, 14-25 family number,
   32-63 line number in the source (26-31 are free: a verdict reference,
   policy/engine.py, keeps the match depth there);
-* ``dir``   uint32 — 2**k + 1 bucket starts: the entries whose key's top k bits equal
-  b are ``dir[b]:dir[b+1]`` (k ~ log2(n), so a bucket holds one entry on average).
+* ``dir``   uint32 — 2**k + 1 bucket starts. Bucket b holds the entries whose key's top
+  k bits, read as a signed number (``key >> (64 - k)``, -2**(k-1) <= b < 2**(k-1)), are
+  b: they are ``keys[dir[b]:dir[b + 1]]``, with Python's negative indexes doing the rest
+  (buckets 0, 1, ... from the front, -1, -2, ... from the back, and between them one
+  sentinel, the end of the last bucket). k ~ log2(n): a bucket holds one entry on average.
 
 A lookup hashes the name and each parent suffix (``www.evil.example``, ``evil.example``,
 ``example``), and for each reads one bucket. The index stores no names: a hit is a 64-bit
@@ -30,7 +34,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-M64 = (1 << 64) - 1
 SOURCE_BITS, SCOPE_SHIFT, ACTION_SHIFT, FAMILY_SHIFT, LINE_SHIFT = 8, 8, 10, 14, 32
 MAX_SOURCES = 1 << SOURCE_BITS
 MAX_FAMILIES = 1 << 12
@@ -90,7 +93,7 @@ class IndexBuilder:
         fewest, most = _label_range(names)
         self._min_labels = min(self._min_labels, fewest)
         self._max_labels = max(self._max_labels, most)
-        keys = np.fromiter(map(hash, names), dtype=np.int64, count=n).view(np.uint64)
+        keys = np.fromiter(map(hash, names), dtype=np.int64, count=n)
         fam = families if families is not None else np.zeros(n, dtype=np.uint16)
         meta = pack_meta(np.full(n, source, dtype=np.uint8),
                          np.frombuffer(bytes(scopes), dtype=np.uint8),
@@ -111,7 +114,7 @@ class IndexBuilder:
             keys = np.concatenate(self._keys)
             meta = np.concatenate(self._meta)
         else:
-            keys = np.zeros(0, dtype=np.uint64)
+            keys = np.zeros(0, dtype=np.int64)
             meta = np.zeros(0, dtype=np.uint64)
         self._keys, self._meta = [], []
         if len(keys):
@@ -134,10 +137,17 @@ class IndexBuilder:
                 keep[1:] = ~same | (source[1:] != source[:-1]) | (scope[1:] != scope[:-1])
                 keys, meta = keys[keep], meta[keep]
         k = max(1, math.ceil(math.log2(max(len(keys), 2))))
-        # dir[b] = entries in buckets before b: a count per bucket, summed up
-        directory = np.zeros((1 << k) + 1, dtype=np.uint32)
-        np.cumsum(np.bincount((keys >> np.uint64(64 - k)).astype(np.intp), minlength=1 << k),
-                  out=directory[1:])
+        half = 1 << (k - 1)
+        # the start of each bucket, in key order (-half ... half - 1): a count per bucket,
+        # summed up; then laid out for negative indexes (the module's docstring)
+        counts = np.bincount((keys >> np.int64(64 - k)).astype(np.intp) + half,
+                             minlength=1 << k)
+        starts = np.zeros(1 << k, dtype=np.uint32)
+        np.cumsum(counts[:-1], out=starts[1:])
+        directory = np.empty((1 << k) + 1, dtype=np.uint32)
+        directory[:half] = starts[half:]  # buckets 0 ... half - 1
+        directory[half] = len(keys)  # the end of bucket half - 1
+        directory[half + 1:] = starts[:half]  # buckets -half ... -1
         return np.ascontiguousarray(keys), np.ascontiguousarray(meta), directory, k
 
 
@@ -161,7 +171,7 @@ class NameIndex:
     @classmethod
     def from_arrays(cls, keys: np.ndarray, meta: np.ndarray, directory: np.ndarray, k: int,
                     labels: tuple[int, int] = (1, 127)) -> NameIndex:
-        return cls(memoryview(keys.data).cast("B").cast("Q"),
+        return cls(memoryview(keys.data).cast("B").cast("q"),
                    memoryview(meta.data).cast("B").cast("Q"),
                    memoryview(directory.data).cast("B").cast("I"), k, labels,
                    (keys, meta, directory))
@@ -181,17 +191,19 @@ class NameIndex:
             return None
         keys, meta, directory, shift = self.keys, self.meta, self.dir, self.shift
         out: list[tuple[int, int, str]] | None = None
-        suffix = name
-        depth = 0
-        need = 1
         labels = name.count(".") + 1
-        while labels > self.max_labels:  # deeper than any rule: start lower
-            suffix = suffix[suffix.find(".") + 1:]
-            depth += 1
-            labels -= 1
+        last = labels - self.min_labels  # the shortest suffix a rule can have
+        depth = labels - self.max_labels  # the longest: deeper labels are skipped
+        suffix = name
+        need = 1
+        if depth > 0:
+            for _ in range(depth):
+                suffix = suffix[suffix.find(".") + 1:]
             need = 2
-        while labels >= self.min_labels:
-            h = hash(suffix) & M64
+        else:
+            depth = 0
+        while depth <= last:
+            h = hash(suffix)
             b = h >> shift
             i = directory[b]
             end = directory[b + 1]
@@ -208,11 +220,9 @@ class NameIndex:
                 elif k > h:
                     break
                 i += 1
-            dot = suffix.find(".")
-            if dot < 0:
+            if depth == last:
                 return out
-            suffix = suffix[dot + 1:]
+            suffix = suffix[suffix.find(".") + 1:]
             depth += 1
-            labels -= 1
             need = 2
         return out
