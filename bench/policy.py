@@ -6,11 +6,13 @@ For each size: the list is written as an RPZ zone (the same generated names as
 ``python -m bench``), then built the way the server builds it (``build_in_child``: a
 forked process parses and writes the index, this process maps it), and measured:
 
-* load: seconds until the policy can answer;
+* load: seconds until the policy can answer, at start-up (``starting=True``: nothing
+  answers yet, a second process may help) and as a reload (one process, beside a server);
 * memory: this process's RSS before and after, and after every page of the index has
   been touched (the worst case: a long-running server has looked up everything);
-* lookups: ``Policy.check_query`` per second and µs per call, for listed names (hits,
-  the verdict built) and for clean names (misses), each over ``--lookups`` distinct names.
+* lookups: µs per call and calls per second over ``--lookups`` distinct names each:
+  listed names with ``Policy.check_query`` (the verdict built) and ``check_query_ref``
+  (what the resolver calls: a reference to the verdict), clean names (misses).
 
 Prints a table; ``--json FILE`` writes the figures. Runs in one process, bounded by the
 sizes and counts given. No network.
@@ -54,9 +56,14 @@ def measure(size: int, path: Path, hits: list[str], lookups: int,
     settings = PolicySettings(selftest=False, sources=(
         SourceSettings(name="bench", path=str(path), format="rpz"),))
     misses = [f"clean{i}.example-{i % 977}.com" for i in range(lookups)]
+    t0 = time.perf_counter()
+    first, _ = build_in_child(settings, 1, str(workdir / "state"), starting=True)
+    load_start = time.perf_counter() - t0
+    del first
+    gc.collect()
     rss0 = _rss_mb()  # after the query names exist: what follows is the policy's
     t0 = time.perf_counter()
-    policy, report = build_in_child(settings, 1, str(workdir / "state"))
+    policy, report = build_in_child(settings, 2, str(workdir / "state"))
     load = time.perf_counter() - t0
     rss_loaded = _rss_mb()
     check = policy.check_query
@@ -68,6 +75,11 @@ def measure(size: int, path: Path, hits: list[str], lookups: int,
     for name in misses:
         check(name, 1, "192.0.2.1")
     miss_s = time.perf_counter() - t0
+    check_ref = policy.check_query_ref
+    t0 = time.perf_counter()
+    for name in hits:
+        check_ref(name, 1, "192.0.2.1")
+    hit_ref_s = time.perf_counter() - t0
     # Touch every page of the mapped index: the resident size of a server that has
     # looked everything up.
     index = policy.index
@@ -77,11 +89,13 @@ def measure(size: int, path: Path, hits: list[str], lookups: int,
             total += view[i] & 1
     rss_touched = _rss_mb()
     index_mb = (len(index.keys) * 16 + len(index.dir) * 4) / 2**20
-    return {"size": size, "rules": report.rules, "load_s": load, "rss_before_mb": rss0,
+    return {"size": size, "rules": report.rules, "load_start_s": load_start, "load_s": load,
+            "rss_before_mb": rss0,
             "rss_loaded_mb": rss_loaded, "rss_touched_mb": rss_touched,
             "added_mb": rss_touched - rss0, "index_mb": index_mb,
             "bytes_per_name": (rss_touched - rss0) * 2**20 / size,
-            "hit_us": hit_s / lookups * 1e6, "miss_us": miss_s / lookups * 1e6,
+            "hit_us": hit_s / lookups * 1e6, "hit_ref_us": hit_ref_s / lookups * 1e6,
+            "miss_us": miss_s / lookups * 1e6,
             "lookups_per_s": 2 * lookups / (hit_s + miss_s), "_touch": total}
 
 
@@ -104,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         for size in sizes:
             rows.append(measure(size, *prepared[size], args.lookups, Path(tmp)))
             r = rows[-1]
-            print(f"{size:>9,} names: load {r['load_s']:.2f} s, +{r['added_mb']:.1f} MB RSS "
+            print(f"{size:>9,} names: load {r['load_start_s']:.2f} s at start, "
+                  f"{r['load_s']:.2f} s as a reload, +{r['added_mb']:.1f} MB RSS "
                   f"(index {r['index_mb']:.1f} MB, {r['bytes_per_name']:.0f} B/name), "
-                  f"hit {r['hit_us']:.2f} us, miss {r['miss_us']:.2f} us, "
+                  f"hit {r['hit_us']:.2f} us (ref {r['hit_ref_us']:.2f} us), "
+                  f"miss {r['miss_us']:.2f} us, "
                   f"{r['lookups_per_s'] / 1000:.0f}k lookups/s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
