@@ -12,7 +12,10 @@ there is one); the server maps that file. Why a child: parsing a million lines m
 few hundred MB of short-lived Python objects. In a child they never touch the server's
 heap (its resident memory stays at the size of the finished index, which the kernel
 shares between worker processes), and the server's event loop keeps answering while the
-child works, since they share no interpreter lock.
+child works, since they share no interpreter lock. The first build at start-up, before
+anything answers, may use a second core as well: the child forks a helper that checks
+half of a long list (``formats._common.run_end``); later builds leave that core to the
+server.
 
 A source "fails" when it cannot be read, or when its content looks like something else
 (more than half of its non-comment lines rejected, e.g. an HTML error page instead of a

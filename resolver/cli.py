@@ -8,11 +8,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy is only used to sort indexes
 
@@ -116,6 +118,8 @@ def _setup_logging(level: str) -> None:
 
 def _new_loop() -> asyncio.AbstractEventLoop:
     """uvloop when installed (pip install 'moat[fast]'), asyncio's own loop otherwise."""
+    import asyncio  # here, not at the top: ~60 ms that would delay the first build's fork
+
     if os.environ.get("MOAT_LOOP", "") != "asyncio":
         try:
             import uvloop
@@ -143,6 +147,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         first_build = PendingBuild(cfg.policy, 1,
                                    cfg.server.state_dir or config_mod.default_state_dir(),
                                    tuple(args.rpz), starting=True)
+    import asyncio
+
     from .app import App
 
     loop = _new_loop()

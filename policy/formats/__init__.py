@@ -9,31 +9,46 @@ UTF-8 is a problem).
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from collections.abc import Callable
 
 from policy.rules import ParsedSource
 
-from . import adblock, dnsmasq, domains, hosts, rpz, threatfox_csv, unbound, urls
 from .names import normalise_name
 
-__all__ = ["FORMATS", "detect_format", "normalise_name", "parse"]
+__all__ = ["FORMATS", "detect_format", "normalise_name", "parse", "parser"]
 
 FORMATS: tuple[str, ...] = ("rpz", "hosts", "domains", "wildcard-domains", "adblock",
                             "dnsmasq", "unbound", "threatfox-csv", "urls")
 
-_PARSERS: dict[str, Callable[..., ParsedSource]] = {
-    "rpz": rpz.parse,
-    "hosts": hosts.parse,
-    "domains": domains.parse,
-    "wildcard-domains": domains.parse_wildcard,
-    "adblock": adblock.parse,
-    "dnsmasq": dnsmasq.parse,
-    "unbound": unbound.parse,
-    "threatfox-csv": threatfox_csv.parse,
-    "urls": urls.parse,
+#: format -> (module, function). A parser module is imported when a source of its format
+#: is first parsed: the server forks its first policy build right after importing this
+#: package, and the child imports only the parsers it needs (their regexes and
+#: dnspython cost ~0.1 s that would otherwise delay the fork).
+_PARSERS: dict[str, tuple[str, str]] = {
+    "rpz": ("rpz", "parse"),
+    "hosts": ("hosts", "parse"),
+    "domains": ("domains", "parse"),
+    "wildcard-domains": ("domains", "parse_wildcard"),
+    "adblock": ("adblock", "parse"),
+    "dnsmasq": ("dnsmasq", "parse"),
+    "unbound": ("unbound", "parse"),
+    "threatfox-csv": ("threatfox_csv", "parse"),
+    "urls": ("urls", "parse"),
 }
+
+
+def parser(fmt: str) -> Callable[..., ParsedSource]:
+    """The parse function of a format (one of :data:`FORMATS`)."""
+    try:
+        module, function = _PARSERS[fmt]
+    except KeyError:
+        raise ValueError(f"unknown feed format {fmt!r} (known: {', '.join(FORMATS)})") from None
+    parse_fn: Callable[..., ParsedSource] = getattr(
+        importlib.import_module(f"{__name__}.{module}"), function)
+    return parse_fn
 
 
 def parse(data: bytes, fmt: str, path: str = "", origin: str | None = None) -> ParsedSource:
@@ -43,11 +58,7 @@ def parse(data: bytes, fmt: str, path: str = "", origin: str | None = None) -> P
     """
     if fmt == "auto":
         fmt = detect_format(path, data[:65536])
-    try:
-        parser = _PARSERS[fmt]
-    except KeyError:
-        raise ValueError(f"unknown feed format {fmt!r} (known: {', '.join(FORMATS)})") from None
-    return parser(data, path, origin)
+    return parser(fmt)(data, path, origin)
 
 
 _RPZ_LINE = re.compile(r"\S+\s+(?:\d+\s+)?(?:IN\s+)?(?:CNAME|SOA|NS|A|AAAA|TXT)\s+\S",
