@@ -497,6 +497,8 @@ class PendingBuild:
                 os._exit(status)
         os.close(write_end)
         self._pid, self._read_end, self._path = pid, read_end, path
+        if self._starting:  # while the child builds: later builds' children inherit them
+            formats.import_parsers()
 
     def _finish(self) -> tuple[Policy, BuildReport]:
         chunks = []

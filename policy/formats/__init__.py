@@ -18,7 +18,7 @@ from policy.rules import ParsedSource
 
 from .names import normalise_name
 
-__all__ = ["FORMATS", "detect_format", "normalise_name", "parse", "parser"]
+__all__ = ["FORMATS", "detect_format", "import_parsers", "normalise_name", "parse", "parser"]
 
 FORMATS: tuple[str, ...] = ("rpz", "hosts", "domains", "wildcard-domains", "adblock",
                             "dnsmasq", "unbound", "threatfox-csv", "urls")
@@ -38,6 +38,13 @@ _PARSERS: dict[str, tuple[str, str]] = {
     "threatfox-csv": ("threatfox_csv", "parse"),
     "urls": ("urls", "parse"),
 }
+
+
+def import_parsers() -> None:
+    """Import every parser now. The server does it once its first build has forked (the
+    two overlap), so the children of later builds start with them."""
+    for module, _ in _PARSERS.values():
+        importlib.import_module(f"{__name__}.{module}")
 
 
 def parser(fmt: str) -> Callable[..., ParsedSource]:
