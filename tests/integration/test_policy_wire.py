@@ -289,3 +289,27 @@ def test_no_query_is_answered_before_the_policy_is_loaded(tmp_path, moat, nsd_up
         t.join(timeout=10)
     assert answers and set(answers) == {dns.rcode.NXDOMAIN}, answers[:20]
     assert "policy version 1 loaded" in m.stderr_text()
+
+
+def test_a_long_list_is_read_in_two_halves_at_start_with_lines_kept(tmp_path, moat,
+                                                                     nsd_upstream):
+    # 160k plain lines (5 MB): the first build checks the two halves of the list in two
+    # processes; a broken line in the second half is reported with its line, and names on
+    # both sides of the middle and after the broken line are blocked with their own line
+    n = 160_000
+    lines = [f"h{i}.list-{i % 97}.test CNAME ." for i in range(n)]
+    lines[120_000] = "broken..list.test CNAME ."
+    rpz = write_rpz(tmp_path / "long.rpz", "\n".join(lines) + "\n")
+    log = tmp_path / "verdicts.jsonl"
+    m = moat("--rpz", str(rpz), "--query-log", str(log), upstream=nsd_upstream)
+    m.wait_for_stderr(rf"long\.rpz:{120_000 + 4}: owner 'broken\.\.list\.test'", timeout=10)
+    probes = (0, 79_999, 80_000, 119_999, 120_001, n - 1)
+    for i in probes:
+        assert m.query(f"h{i}.list-{i % 97}.test").rcode() == dns.rcode.NXDOMAIN, i
+    assert m.query("www.example.test").answer  # not listed: answered
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and \
+            len(log.read_text().splitlines() if log.exists() else []) < len(probes):
+        time.sleep(0.1)
+    wheres = [json.loads(x)["where"] for x in log.read_text().splitlines()]
+    assert wheres == [f"{rpz}:{i + 4}" for i in probes]
