@@ -435,6 +435,13 @@ def build_in_child(settings: PolicySettings, version: int, state_dir: str = "",
     return PendingBuild(settings, version, state_dir, extra_rpz, unlink, starting).result()
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the platform tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class PendingBuild:
     """A policy build running in a forked child: made, it forks at once; ``result()``
     waits for the child and maps the index. The server starts its first build this way
@@ -480,7 +487,7 @@ class PendingBuild:
             # No cyclic GC in a child that lives a second: its collections would walk the
             # server's inherited objects too (and write to their pages); exit frees all.
             gc.disable()
-            if self._starting and len(os.sched_getaffinity(0)) > 1:
+            if self._starting and _usable_cpus() > 1:
                 formats_common.SECOND_PROCESS = True
             status = 1
             try:
