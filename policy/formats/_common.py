@@ -10,6 +10,9 @@ per-line parser of the format; the others become columns without a Python call p
 
 Both paths write rows in line order, and :func:`assemble` merges them by line, so a parse
 with the fast path and one without it give equal :class:`ParsedSource` objects (tested).
+
+:func:`run_end` finds where a run of lines of one plain form ends (RPZ's tier 0); in the
+first build at start-up it checks the two halves of a long run in two processes.
 """
 
 from __future__ import annotations
