@@ -259,7 +259,7 @@ class Supervisor:
                     log.error("config reload rejected, keeping the running config:\n  %s",
                               "\n  ".join(exc.problems))
             loop = asyncio.get_running_loop()
-            report = await loop.run_in_executor(None, self.build, True)
+            report = await loop.run_in_executor(None, self.build)  # the workers answer
             if report is None:
                 return
             for w in self.workers:
